@@ -1,0 +1,180 @@
+"""The `loopus` command. Each subcommand is a thin wrapper over library calls.
+
+Every user-facing failure is a `LoopusError`: one line on stderr, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from loopus_jax.errors import LoopusError
+
+PPL_HELP = """Perplexity of a text file.
+
+Definition: tokenize the whole file without special tokens, prepend the tokenizer's BOS token if it
+has one, cut into consecutive non-overlapping windows of --max-length tokens (the last may be
+shorter), score each window on its own (its first token is not predicted), and report
+ppl = exp(total NLL / number of predicted tokens). --json prints
+{"tokens": predicted_count, "nll": total, "ppl": value}."""
+
+
+def _model_arg(p: argparse.ArgumentParser, flag: bool = True) -> None:
+    help_ = "an HF checkpoint directory, a .gguf file or a loopus checkpoint directory ('default': the embedded SmolLM2)"
+    if flag:
+        p.add_argument("--model", required=True, help=help_)
+    else:
+        p.add_argument("src", help=help_)
+
+
+def _resolve(path: str) -> Path:
+    from loopus_jax.api import default_model_path
+
+    return default_model_path() if path == "default" else Path(path)
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    import numpy as np
+
+    try:
+        dt = np.dtype({"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16": "float16"}.get(name, name))
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in ("float32", "bfloat16", "float16"):
+        raise LoopusError(f"unsupported dtype {name!r}; expected float32 or bfloat16")
+    return dt
+
+
+def cmd_convert(a: argparse.Namespace) -> None:
+    import loopus_jax as lj
+
+    model, tok = lj.load(_resolve(a.src), dtype=_dtype(a.dtype), mesh=a.mesh)
+    out = lj.save(model, a.out, format="loopus", tokenizer=tok)
+    print(f"wrote loopus checkpoint {out}")
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    import loopus_jax as lj
+
+    model, tok = lj.load(_resolve(a.src))
+    out = lj.save(model, a.out, format=a.format, tokenizer=tok, dtype=_dtype(a.dtype))
+    print(f"wrote {a.format} checkpoint {out}")
+
+
+def describe(model) -> dict:
+    from loopus_jax.models.transformer import num_params, param_dtype
+
+    cfg = model.config
+    return {
+        "architecture": cfg.architecture,
+        "parameters": num_params(model),
+        "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "vocab_size": cfg.vocab_size,
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "rope": {"type": cfg.rope_type, "theta": cfg.rope_theta, **dict(cfg.rope_params)},
+        "dtype": param_dtype(model).name,
+    }
+
+
+def cmd_info(a: argparse.Namespace) -> None:
+    import loopus_jax as lj
+
+    model, _ = lj.load(_resolve(a.path))
+    info = describe(model)
+    if a.json:
+        print(json.dumps(info))
+        return
+    for k, v in info.items():
+        print(f"{k:>16}: {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k:>16}: {v}")
+
+
+def cmd_eval_ppl(a: argparse.Namespace) -> None:
+    import loopus_jax as lj
+    from loopus_jax.eval.perplexity import perplexity
+    from loopus_jax.tokenizer import require_tokenizer
+
+    path = _resolve(a.model)
+    f = Path(a.text_file)
+    if not f.is_file():
+        raise LoopusError(f"text file {f} does not exist")
+    model, tok = lj.load(path)
+    result = perplexity(model, require_tokenizer(tok, path), f.read_text(encoding="utf-8"), max_length=a.max_length, batch_size=a.batch_size)
+    if a.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"perplexity {result.ppl:.4f} over {result.tokens} predicted tokens (nll {result.nll:.3f})")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from loopus_jax.demo import run_demo
+
+    run_demo(Path(a.out), data=Path(a.data) if a.data else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loopus", description="LoopUS in JAX: convert, inspect, evaluate and export LLM checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert an HF directory or .gguf file to a loopus checkpoint",
+                       description="Read a checkpoint tensor by tensor and write the project's own format (config.json + orbax).")
+    _model_arg(c, flag=False)
+    c.add_argument("out", help="output directory")
+    c.add_argument("--dtype", help="parameter dtype: float32 or bfloat16 (default: as stored)")
+    c.add_argument("--mesh", help="device mesh spec, e.g. data=1,fsdp=-1,tensor=1 (default: one device)")
+    c.set_defaults(fn=cmd_convert)
+
+    e = sub.add_parser("export", help="export any checkpoint to HF safetensors",
+                       description="Write a directory that transformers loads: safetensors (sharded above 5 GB), config.json, "
+                                   "generation_config.json and tokenizer files.")
+    _model_arg(e, flag=False)
+    e.add_argument("out", help="output directory")
+    e.add_argument("--format", choices=["hf"], default="hf", help="output format (default hf)")
+    e.add_argument("--dtype", help="tensor dtype in the output (default: the parameters' dtype)")
+    e.set_defaults(fn=cmd_export)
+
+    i = sub.add_parser("info", help="describe a checkpoint", description="Architecture, parameter count, layers and dtype.")
+    i.add_argument("path", help="checkpoint path, or 'default'")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(fn=cmd_info)
+
+    ev = sub.add_parser("eval", help="evaluate a model", description="Evaluation commands.")
+    evs = ev.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    pp = evs.add_parser("ppl", help="perplexity of a text file", description=PPL_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arg(pp)
+    pp.add_argument("--text-file", required=True, help="UTF-8 text file")
+    pp.add_argument("--max-length", type=int, default=1024, help="window length in tokens (default 1024)")
+    pp.add_argument("--batch-size", type=int, default=8, help="windows per jitted batch (default 8)")
+    pp.add_argument("--json", action="store_true", help='print {"tokens", "nll", "ppl"} as JSON')
+    pp.set_defaults(fn=cmd_eval_ppl)
+
+    d = sub.add_parser("demo", help="run the demo on the embedded SmolLM2 model",
+                       description="Load the embedded SmolLM2-135M GGUF, describe it, score held-out text, write a report.")
+    d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    d.add_argument("--data", help="your own UTF-8 text file instead of the bundled text")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except LoopusError as e:
+        print(f"loopus: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loopus: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Perplexity of a text by consecutive non-overlapping windows (the `loopus eval ppl` definition).
+
+Tokenize the whole text without special tokens, prepend the tokenizer's BOS if it has one, cut into
+consecutive windows of `max_length` tokens (the last may be shorter), score each window on its own
+(its first token is not predicted), and report ppl = exp(total NLL / number of predicted tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from loopus_jax.errors import LoopusError
+from loopus_jax.eval.scoring import next_token_logprobs
+from loopus_jax.progress import progress
+
+
+@dataclasses.dataclass
+class Perplexity:
+    tokens: int  # predicted tokens
+    nll: float  # total negative log-likelihood (nats)
+    ppl: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def tokenize_for_ppl(tokenizer: Any, text: str) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def perplexity_of_ids(model: nnx.Module, ids: list[int], *, max_length: int = 1024, batch_size: int = 8) -> Perplexity:
+    """Windows are right-padded to `max_length` so every batch has one compiled shape."""
+    if max_length < 2:
+        raise LoopusError(f"max_length must be at least 2, got {max_length}")
+    windows = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+    windows = [w for w in windows if len(w) >= 2]
+    if not windows:
+        raise LoopusError("the text has fewer than 2 tokens; nothing to score")
+    width = min(max_length, max(len(w) for w in windows))
+    total, count = 0.0, 0
+    for start in progress(range(0, len(windows), batch_size), desc="perplexity", total=-(-len(windows) // batch_size), unit="batch"):
+        chunk = windows[start : start + batch_size]
+        rows = len(chunk)
+        chunk = chunk + [chunk[0]] * (batch_size - rows) if len(windows) > batch_size else chunk
+        arr = np.zeros((len(chunk), width), np.int32)
+        mask = np.zeros_like(arr)
+        for r, w in enumerate(chunk):
+            arr[r, : len(w)] = w
+            mask[r, : len(w)] = 1
+        lp, _ = next_token_logprobs(model, arr, mask)
+        valid = mask[:rows, 1:].astype(bool)
+        total -= float(lp[:rows][valid].astype(np.float64).sum())
+        count += int(valid.sum())
+    return Perplexity(tokens=count, nll=total, ppl=math.exp(total / count))
+
+
+def perplexity(model: nnx.Module, tokenizer: Any, text: str, *, max_length: int = 1024, batch_size: int = 8) -> Perplexity:
+    return perplexity_of_ids(model, tokenize_for_ppl(tokenizer, text), max_length=max_length, batch_size=batch_size)
