@@ -32,7 +32,9 @@ def default_model_path() -> Path:
             p = Path(dist.locate_file(f))
             if p.is_file():
                 return p
-    raise LoopusError(f"{DEFAULT_MODEL_PACKAGE} is installed but its .gguf file is missing; reinstall: {DEFAULT_MODEL_INSTALL} --force-reinstall")
+    raise LoopusError(
+        f"{DEFAULT_MODEL_PACKAGE} lacks its .gguf file; reinstall: {DEFAULT_MODEL_INSTALL} --force-reinstall"
+    )
 
 
 def detect_format(path: Path) -> str:
@@ -103,7 +105,9 @@ def save(model: nnx.Module, path: str | Path, format: str = "loopus", *, tokeniz
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "scan_layers"))
-def _base_forward(graphdef: Any, state: Any, input_ids: jax.Array, attention_mask: jax.Array, scan_layers: bool | None) -> jax.Array:
+def _base_forward(
+    graphdef: Any, state: Any, input_ids: jax.Array, attention_mask: jax.Array, scan_layers: bool | None
+) -> jax.Array:
     return nnx.merge(graphdef, state)(input_ids, attention_mask, scan_layers=scan_layers)
 
 
@@ -123,7 +127,9 @@ def check_batch(model: nnx.Module, input_ids: Any, attention_mask: Any) -> tuple
     return ids.astype(np.int32), mask.astype(np.int32)
 
 
-def forward(model: nnx.Module, input_ids: Any, attention_mask: Any = None, *, scan_layers: bool | None = None, **options: Any) -> ModelOutput:
+def forward(
+    model: nnx.Module, input_ids: Any, attention_mask: Any = None, *, scan_layers: bool | None = None, **options: Any
+) -> ModelOutput:
     """Jitted forward pass; `.logits` is float32 [batch, seq, vocab].
 
     Positions start at 0 on each row's first unmasked token, so a left-padded row gives the same

@@ -105,7 +105,9 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
     if not f.is_file():
         raise LoopusError(f"text file {f} does not exist")
     model, tok = lj.load(path)
-    result = perplexity(model, require_tokenizer(tok, path), f.read_text(encoding="utf-8"), max_length=a.max_length, batch_size=a.batch_size)
+    result = perplexity(
+        model, require_tokenizer(tok, path), f.read_text(encoding="utf-8"), max_length=a.max_length, batch_size=a.batch_size
+    )
     if a.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -119,20 +121,28 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loopus", description="LoopUS in JAX: convert, inspect, evaluate and export LLM checkpoints.")
+    p = argparse.ArgumentParser(
+        prog="loopus", description="LoopUS in JAX: convert, inspect, evaluate and export LLM checkpoints."
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("convert", help="convert an HF directory or .gguf file to a loopus checkpoint",
-                       description="Read a checkpoint tensor by tensor and write the project's own format (config.json + orbax).")
+    c = sub.add_parser(
+        "convert",
+        help="convert an HF directory or .gguf file to a loopus checkpoint",
+        description="Read a checkpoint tensor by tensor and write the project's own format (config.json + orbax).",
+    )
     _model_arg(c, flag=False)
     c.add_argument("out", help="output directory")
     c.add_argument("--dtype", help="parameter dtype: float32 or bfloat16 (default: as stored)")
     c.add_argument("--mesh", help="device mesh spec, e.g. data=1,fsdp=-1,tensor=1 (default: one device)")
     c.set_defaults(fn=cmd_convert)
 
-    e = sub.add_parser("export", help="export any checkpoint to HF safetensors",
-                       description="Write a directory that transformers loads: safetensors (sharded above 5 GB), config.json, "
-                                   "generation_config.json and tokenizer files.")
+    e = sub.add_parser(
+        "export",
+        help="export any checkpoint to HF safetensors",
+        description="Write a directory that transformers loads: safetensors (sharded above 5 GB), config.json, "
+        "generation_config.json and tokenizer files.",
+    )
     _model_arg(e, flag=False)
     e.add_argument("out", help="output directory")
     e.add_argument("--format", choices=["hf"], default="hf", help="output format (default hf)")
@@ -146,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a model", description="Evaluation commands.")
     evs = ev.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
-    pp = evs.add_parser("ppl", help="perplexity of a text file", description=PPL_HELP,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pp = evs.add_parser(
+        "ppl", help="perplexity of a text file", description=PPL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _model_arg(pp)
     pp.add_argument("--text-file", required=True, help="UTF-8 text file")
     pp.add_argument("--max-length", type=int, default=1024, help="window length in tokens (default 1024)")
@@ -155,8 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--json", action="store_true", help='print {"tokens", "nll", "ppl"} as JSON')
     pp.set_defaults(fn=cmd_eval_ppl)
 
-    d = sub.add_parser("demo", help="run the demo on the embedded SmolLM2 model",
-                       description="Load the embedded SmolLM2-135M GGUF, describe it, score held-out text, write a report.")
+    d = sub.add_parser(
+        "demo",
+        help="run the demo on the embedded SmolLM2 model",
+        description="Load the embedded SmolLM2-135M GGUF, describe it, score held-out text, write a report.",
+    )
     d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     d.add_argument("--data", help="your own UTF-8 text file instead of the bundled text")
     d.set_defaults(fn=cmd_demo)

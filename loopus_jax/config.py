@@ -87,9 +87,7 @@ def _family(hf: dict) -> str:
     if not archs and mt in MODEL_TYPES:
         return MODEL_TYPES[mt]
     name = archs[0] if archs else f"model_type={mt!r}"
-    raise LoopusError(
-        f"unsupported architecture {name}; supported: {', '.join(ARCHITECTURES)}"
-    )
+    raise LoopusError(f"unsupported architecture {name}; supported: {', '.join(ARCHITECTURES)}")
 
 
 def _rope(hf: dict) -> tuple[float, str, dict, float]:
@@ -100,9 +98,7 @@ def _rope(hf: dict) -> tuple[float, str, dict, float]:
     rtype = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if rtype not in ROPE_TYPES:
-        raise LoopusError(
-            f"unsupported rope scaling type {rtype!r}; supported: {', '.join(ROPE_TYPES)}"
-        )
+        raise LoopusError(f"unsupported rope scaling type {rtype!r}; supported: {', '.join(ROPE_TYPES)}")
     if rtype == "linear" and "factor" not in params:
         raise LoopusError("rope scaling 'linear' needs a 'factor'")
     if rtype == "llama3":
@@ -171,7 +167,9 @@ def from_hf(hf: dict) -> ModelConfig:
 def to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
     """An HF `config.json` dict that transformers 4.x and 5.x both load (both RoPE key styles)."""
     model_type = cfg.family
-    rope_scaling = None if cfg.rope_type == "default" else {"rope_type": cfg.rope_type, "type": cfg.rope_type, **dict(cfg.rope_params)}
+    rope_scaling = (
+        None if cfg.rope_type == "default" else {"rope_type": cfg.rope_type, "type": cfg.rope_type, **dict(cfg.rope_params)}
+    )
     rope_parameters = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **dict(cfg.rope_params)}
     if cfg.partial_rotary_factor != 1.0:
         rope_parameters["partial_rotary_factor"] = cfg.partial_rotary_factor

@@ -18,7 +18,11 @@ _ARCHS = {
     "qwen2": ("Qwen2ForCausalLM", False),
     "qwen3": ("Qwen3ForCausalLM", False),
 }
-_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _LAYER = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -82,7 +86,9 @@ class GGUFSource:
 
     def _config(self) -> dict:
         a = self.arch
-        req = {k: self._field(f"{a}.{k}") for k in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")}
+        req = {
+            k: self._field(f"{a}.{k}") for k in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+        }
         missing = [k for k, v in req.items() if v is None]
         if missing:
             raise LoopusError(f"{self.path}: GGUF metadata lacks {', '.join(f'{a}.{k}' for k in missing)}")

@@ -83,16 +83,20 @@ def hf_rules(cfg: ModelConfig) -> list[Rule]:
     if not cfg.tie_word_embeddings:
         rules.append(_rule("lm_head.weight", "lm_head", _transpose()))
     if cfg.family == "phi3":
-        rules.append(_rule(
-            p + "self_attn.qkv_proj.weight",
-            ("layers.wq", "layers.wk", "layers.wv"),
-            _fused_rows([(h * hd, _heads_in(h, hd)), (kv * hd, _heads_in(kv, hd)), (kv * hd, _heads_in(kv, hd))]),
-        ))
-        rules.append(_rule(
-            p + "mlp.gate_up_proj.weight",
-            ("layers.w_gate", "layers.w_up"),
-            _fused_rows([(inter, _transpose()), (inter, _transpose())]),
-        ))
+        rules.append(
+            _rule(
+                p + "self_attn.qkv_proj.weight",
+                ("layers.wq", "layers.wk", "layers.wv"),
+                _fused_rows([(h * hd, _heads_in(h, hd)), (kv * hd, _heads_in(kv, hd)), (kv * hd, _heads_in(kv, hd))]),
+            )
+        )
+        rules.append(
+            _rule(
+                p + "mlp.gate_up_proj.weight",
+                ("layers.w_gate", "layers.w_up"),
+                _fused_rows([(inter, _transpose()), (inter, _transpose())]),
+            )
+        )
     else:
         rules += [
             _rule(p + "self_attn.q_proj.weight", "layers.wq", _heads_in(h, hd)),

@@ -63,9 +63,7 @@ def load_native(path: str | Path, *, dtype: Any = None, mesh: Mesh | None = None
         raise LoopusError(f"{path} has no params/ directory; the checkpoint is incomplete")
     cfg = C.ModelConfig.from_dict(meta["model"])
     stored = np.dtype(meta["param_dtype"])
-    model = nnx.eval_shape(
-        lambda: Transformer(cfg, param_dtype=stored, dtype=meta.get("compute_dtype"), scan_layers=scan_layers)
-    )
+    model = nnx.eval_shape(lambda: Transformer(cfg, param_dtype=stored, dtype=meta.get("compute_dtype"), scan_layers=scan_layers))
     device = jax.devices()[0]
 
     def target(p: tuple, x: Any) -> jax.ShapeDtypeStruct:

@@ -46,7 +46,9 @@ def perplexity_of_ids(model: nnx.Module, ids: list[int], *, max_length: int = 10
         raise LoopusError("the text has fewer than 2 tokens; nothing to score")
     width = min(max_length, max(len(w) for w in windows))
     total, count = 0.0, 0
-    for start in progress(range(0, len(windows), batch_size), desc="perplexity", total=-(-len(windows) // batch_size), unit="batch"):
+    for start in progress(
+        range(0, len(windows), batch_size), desc="perplexity", total=-(-len(windows) // batch_size), unit="batch"
+    ):
         chunk = windows[start : start + batch_size]
         rows = len(chunk)
         chunk = chunk + [chunk[0]] * (batch_size - rows) if len(windows) > batch_size else chunk

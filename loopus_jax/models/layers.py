@@ -139,6 +139,7 @@ def run_layers(stacked: dict, h: jax.Array, ctx: AttnContext, cfg: ModelConfig, 
     if n == 0:
         return h
     if scan:
+
         def body(carry, p):
             return decoder_layer(p, carry, ctx, cfg), None
 
