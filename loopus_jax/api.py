@@ -32,9 +32,7 @@ def default_model_path() -> Path:
             p = Path(dist.locate_file(f))
             if p.is_file():
                 return p
-    raise LoopusError(
-        f"{DEFAULT_MODEL_PACKAGE} lacks its .gguf file; reinstall: {DEFAULT_MODEL_INSTALL} --force-reinstall"
-    )
+    raise LoopusError(f"{DEFAULT_MODEL_PACKAGE} lacks its .gguf file; reinstall: {DEFAULT_MODEL_INSTALL} --force-reinstall")
 
 
 def detect_format(path: Path) -> str:
@@ -48,6 +46,10 @@ def detect_format(path: Path) -> str:
         raise LoopusError(f"{path} is a file but not a .gguf; expected a .gguf file or a checkpoint directory")
     if is_native(path):
         return "loopus"
+    from loopus_jax.convert.lds import is_lds
+
+    if is_lds(path):
+        return "lds"
     if (path / "config.json").exists():
         return "hf"
     raise LoopusError(f"{path} is not a checkpoint: no config.json (HF or loopus) and not a .gguf file")
@@ -84,13 +86,18 @@ def load(
         from loopus_jax.convert.native import load_native
 
         return load_native(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers), load_tokenizer(path)
+    if fmt == "lds":
+        from loopus_jax.convert.lds import load_lds
+
+        return load_lds(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers), load_tokenizer(path)
     from loopus_jax.convert.hf import load_hf
 
     return load_hf(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers), load_tokenizer(path)
 
 
 def save(model: nnx.Module, path: str | Path, format: str = "loopus", *, tokenizer: Any = None, dtype: Any = None) -> Path:
-    """Write `model` as a loopus checkpoint (`format="loopus"`) or an HF directory (`"hf"`)."""
+    """Write `model` as a loopus checkpoint (`format="loopus"`), an HF directory (`"hf"`, base models) or
+    the authors' looped format (`"lds"`, looped models)."""
     if format == "loopus":
         from loopus_jax.convert.native import save_native
 
@@ -99,9 +106,17 @@ def save(model: nnx.Module, path: str | Path, format: str = "loopus", *, tokeniz
         return save_native(model, path, tokenizer=tokenizer)
     if format == "hf":
         from loopus_jax.convert.hf import save_hf
+        from loopus_jax.loop.model import LoopedLM
+
+        if isinstance(model, LoopedLM):
+            raise LoopusError("a looped model has no plain HF form; export it with format='lds'")
 
         return save_hf(model, path, tokenizer=tokenizer, dtype=dtype)
-    raise LoopusError(f"unknown format {format!r}; expected 'loopus' or 'hf'")
+    if format == "lds":
+        from loopus_jax.convert.lds import save_lds
+
+        return save_lds(model, path, tokenizer=tokenizer, dtype=dtype)
+    raise LoopusError(f"unknown format {format!r}; expected 'loopus', 'hf' or 'lds'")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "scan_layers"))
@@ -127,14 +142,32 @@ def check_batch(model: nnx.Module, input_ids: Any, attention_mask: Any) -> tuple
     return ids.astype(np.int32), mask.astype(np.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
+def _looped_forward(graphdef: Any, state: Any, input_ids: jax.Array, attention_mask: jax.Array, opts: Any, q_thr, eps):
+    return nnx.merge(graphdef, state)(input_ids, attention_mask, opts, q_thr, eps)
+
+
 def forward(
     model: nnx.Module, input_ids: Any, attention_mask: Any = None, *, scan_layers: bool | None = None, **options: Any
 ) -> ModelOutput:
     """Jitted forward pass; `.logits` is float32 [batch, seq, vocab].
 
     Positions start at 0 on each row's first unmasked token, so a left-padded row gives the same
-    logits as the row alone. Looped models accept more options (see `loopus_jax.loop`).
+    logits as the row alone. Looped models also take `n_recursion`, `halting` ("none", "threshold",
+    "cdf", "convergence"), `q_threshold`, `q_eval_interval`, `convergence_epsilon`, `q_source` and
+    `remat` (defaults from the model's loop config) and return `.exit_depth` [batch] and `.q`
+    [batch, depth] (NaN after a sample's exit).
     """
+    from loopus_jax.loop.model import LoopedLM
+
+    if isinstance(model, LoopedLM):
+        ids, mask = check_batch(model, input_ids, attention_mask)
+        opts, q_thr, eps = model.options(scan_layers=scan_layers, **options)
+        graphdef, state = nnx.split(model)
+        logits, exit_depth, q = _looped_forward(
+            graphdef, state, jnp.asarray(ids), jnp.asarray(mask), opts, jnp.float32(q_thr), jnp.float32(eps)
+        )
+        return ModelOutput(logits=logits, exit_depth=exit_depth, q=q)
     if not isinstance(model, Transformer):
         raise LoopusError(f"forward() got a {type(model).__name__}; expected a model from loopus_jax.load")
     if options:

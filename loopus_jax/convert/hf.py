@@ -64,44 +64,47 @@ def _limit(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
+def stack_layers(model: nnx.Module, rules: list[Rule]) -> dict[str, int]:
+    return {r.stack: get_param(model, r.targets[0]).shape[0] for r in rules if r.per_layer}
+
+
 def check_names_and_shapes(
-    source: TensorSource, cfg: C.ModelConfig, rules: list[Rule], model: Transformer, what: str
+    source: TensorSource, rules: list[Rule], model: nnx.Module, what: str, ignored: set[str] = frozenset()
 ) -> dict[str, tuple[Rule, int | None]]:
     """Every expected tensor present, none unexpected, each of the right shape; else a clear error."""
-    expected = hf_names(rules, cfg.num_layers)
+    expected = hf_names(rules, stack_layers(model, rules))
     keys = set(source.keys())
-    ignored = {k for k in keys if k.endswith(IGNORED_SUFFIXES)}
-    if cfg.tie_word_embeddings:
-        ignored.add("lm_head.weight")  # a redundant copy of the tied embedding
+    ignored = {k for k in keys if k.endswith(IGNORED_SUFFIXES)} | set(ignored)
     missing = sorted(set(expected) - keys)
     unexpected = sorted(keys - set(expected) - ignored)
+    kind = type(model).__name__
     if missing:
-        raise LoopusError(f"{what}: missing tensor(s) {_limit(missing)} for a {cfg.architecture} with {cfg.num_layers} layers")
+        raise LoopusError(f"{what}: missing tensor(s) {_limit(missing)} for this {kind} ({model.config.architecture})")
     if unexpected:
-        raise LoopusError(f"{what}: unexpected tensor(s) {_limit(unexpected)} for a {cfg.architecture} (not in its name table)")
+        raise LoopusError(f"{what}: unexpected tensor(s) {_limit(unexpected)} for this {kind} (not in its name table)")
     for name, (rule, i) in expected.items():
         shapes = [get_param(model, t).shape[1 if i is not None else 0 :] for t in rule.targets]
         want, got = _hf_shape(rule, shapes), tuple(source.shape(name))
         if want != got:
-            raise LoopusError(f"{what}: tensor {name} has shape {list(got)}, expected {list(want)} from config.json")
+            raise LoopusError(f"{what}: tensor {name} has shape {list(got)}, expected {list(want)} from the config")
     return expected
 
 
-def build_from_source(
+def fill_from_source(
     source: TensorSource,
-    cfg: C.ModelConfig,
+    rules: list[Rule],
+    model: nnx.Module,
     *,
-    dtype: Any = None,
     mesh: Mesh | None = None,
-    scan_layers: bool = True,
     what: str = "checkpoint",
-) -> Transformer:
-    """A Transformer whose parameters are streamed from `source` (HF names) onto `mesh`."""
-    names = list(source.keys())
-    pdt = np.dtype(dtype) if dtype is not None else _common_dtype(source, names)
-    model = nnx.eval_shape(lambda: Transformer(cfg, param_dtype=pdt, scan_layers=scan_layers))
-    rules = hf_rules(cfg)
-    expected = check_names_and_shapes(source, cfg, rules, model, what)
+    ignored: set[str] = frozenset(),
+) -> nnx.Module:
+    """Stream every tensor of `source` into the abstract `model` (built by nnx.eval_shape), in place.
+
+    One rule at a time: its (stacked) host buffers are filled layer by layer from the memory-mapped
+    source, put on their device sharding, and freed. Each buffer takes its parameter's dtype.
+    """
+    expected = check_names_and_shapes(source, rules, model, what, ignored)
     by_rule: dict[int, list[tuple[str, int | None]]] = {}
     for name, (rule, i) in expected.items():
         by_rule.setdefault(next(k for k, r in enumerate(rules) if r is rule), []).append((name, i))
@@ -109,7 +112,7 @@ def build_from_source(
     for ri in progress(range(len(rules)), desc="converting", unit="param"):
         rule = rules[ri]
         params = [get_param(model, t) for t in rule.targets]
-        bufs = [np.empty(p.shape, pdt) for p in params]
+        bufs = [np.empty(p.shape, p.dtype) for p in params]
         for name, i in by_rule[ri]:
             parts = rule.to_jax(source.get(name))
             for buf, part in zip(bufs, parts):
@@ -124,6 +127,23 @@ def build_from_source(
     return model
 
 
+def build_from_source(
+    source: TensorSource,
+    cfg: C.ModelConfig,
+    *,
+    dtype: Any = None,
+    mesh: Mesh | None = None,
+    scan_layers: bool = True,
+    what: str = "checkpoint",
+) -> Transformer:
+    """A Transformer whose parameters are streamed from `source` (HF names) onto `mesh`."""
+    pdt = np.dtype(dtype) if dtype is not None else _common_dtype(source, list(source.keys()))
+    model = nnx.eval_shape(lambda: Transformer(cfg, param_dtype=pdt, scan_layers=scan_layers))
+    # A tied model's redundant `lm_head.weight` copy is accepted and ignored.
+    ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    return fill_from_source(source, hf_rules(cfg), model, mesh=mesh, what=what, ignored=ignored)
+
+
 def load_hf(path: str | Path, *, dtype: Any = None, mesh: Mesh | None = None, scan_layers: bool = True) -> Transformer:
     path = Path(path)
     cfg = C.from_hf(read_config_json(path))
@@ -132,6 +152,52 @@ def load_hf(path: str | Path, *, dtype: Any = None, mesh: Mesh | None = None, sc
 
 def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def write_tensors(
+    model: nnx.Module, rules: list[Rule], path: Path, *, dtype: Any = None, max_shard_bytes: int = 5 * 10**9
+) -> None:
+    """Write `model`'s parameters under the rules' names, one tensor at a time, sharded above the limit.
+
+    Each tensor keeps its parameter's dtype unless `dtype` is given.
+    """
+    entries: dict[str, tuple] = {}
+    for name, (rule, i) in hf_names(rules, stack_layers(model, rules)).items():
+        params = [get_param(model, t) for t in rule.targets]
+        shapes = [p.shape[1 if i is not None else 0 :] for p in params]
+        out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(params[0].dtype)
+
+        def produce(rule=rule, params=params, i=i, out_dtype=out_dtype) -> np.ndarray:
+            parts = tuple(np.asarray(p[...] if i is None else p[i]) for p in params)
+            return rule.to_hf(parts).astype(out_dtype, copy=False)
+
+        entries[name] = (name, _hf_shape(rule, shapes), out_dtype, produce)
+    order = sorted(entries, key=_natural_key)
+    sizes = ((n, int(np.prod(entries[n][1])) * entries[n][2].itemsize) for n in order)
+    shards = plan_shards(sizes, max_shard_bytes)
+    for old in path.glob("model*.safetensors*"):
+        old.unlink()
+    if len(shards) == 1:
+        write_safetensors(path / "model.safetensors", progress([entries[n] for n in order], desc="exporting"))
+        return
+    weight_map = {}
+    total = 0
+    for k, shard in enumerate(progress(shards, desc="exporting", unit="shard")):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        total += write_safetensors(path / fname, [entries[n] for n in shard])
+        weight_map.update({n: fname for n in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def torch_dtype_name(dtype: np.dtype) -> str:
+    return dtype.name if dtype.name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def write_generation_config(cfg: C.ModelConfig, path: Path) -> None:
+    hf = C.to_hf(cfg)
+    gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf[k] is not None}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
 def save_hf(
@@ -146,37 +212,10 @@ def save_hf(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg: C.ModelConfig = model.config
+    write_tensors(model, hf_rules(cfg), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
     out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(model.embed[...].dtype)
-    entries: dict[str, tuple] = {}
-    for name, (rule, i) in hf_names(hf_rules(cfg), cfg.num_layers).items():
-        params = [get_param(model, t) for t in rule.targets]
-        shapes = [p.shape[1 if i is not None else 0 :] for p in params]
-
-        def produce(rule=rule, params=params, i=i) -> np.ndarray:
-            parts = tuple(np.asarray(p[...] if i is None else p[i]) for p in params)
-            return rule.to_hf(parts).astype(out_dtype, copy=False)
-
-        entries[name] = (name, _hf_shape(rule, shapes), out_dtype, produce)
-    order = sorted(entries, key=_natural_key)
-    sizes = ((n, int(np.prod(entries[n][1])) * out_dtype.itemsize) for n in order)
-    shards = plan_shards(sizes, max_shard_bytes)
-    for old in path.glob("model*.safetensors*"):
-        old.unlink()
-    if len(shards) == 1:
-        write_safetensors(path / "model.safetensors", progress([entries[n] for n in order], desc="exporting"))
-    else:
-        weight_map = {}
-        total = 0
-        for k, shard in enumerate(progress(shards, desc="exporting", unit="shard")):
-            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            total += write_safetensors(path / fname, [entries[n] for n in shard])
-            weight_map.update({n: fname for n in shard})
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    dtype_name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(out_dtype.name, "float32")
-    (path / "config.json").write_text(json.dumps(C.to_hf(cfg, dtype_name), indent=2))
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": C.to_hf(cfg)["eos_token_id"], "pad_token_id": cfg.pad_token_id}
-    (path / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+    (path / "config.json").write_text(json.dumps(C.to_hf(cfg, torch_dtype_name(out_dtype)), indent=2))
+    write_generation_config(cfg, path)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path

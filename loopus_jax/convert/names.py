@@ -28,6 +28,11 @@ class Rule:
     def per_layer(self) -> bool:
         return "{i}" in self.hf
 
+    @property
+    def stack(self) -> str | None:
+        """The layer-stack attribute a per-layer rule writes into ("layers", "encoder", ...)."""
+        return self.targets[0].split(".")[0] if self.per_layer else None
+
 
 def _identity() -> tuple[Callable, Callable]:
     return (lambda w: (w,)), (lambda ws: ws[0])
@@ -125,13 +130,45 @@ def hf_rules(cfg: ModelConfig) -> list[Rule]:
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def hf_names(rules: list[Rule], num_layers: int) -> dict[str, tuple[Rule, int | None]]:
-    """Every HF tensor name the table expects -> (its rule, its layer index or None)."""
+def hf_names(rules: list[Rule], layers: dict[str, int]) -> dict[str, tuple[Rule, int | None]]:
+    """Every tensor name the table expects -> (its rule, its layer index or None).
+
+    `layers` gives the number of layers of each stack ("layers" for a base model).
+    """
     out: dict[str, tuple[Rule, int | None]] = {}
     for r in rules:
         if r.per_layer:
-            for i in range(num_layers):
+            for i in range(layers[r.stack]):
                 out[r.hf.format(i=i)] = (r, i)
         else:
             out[r.hf] = (r, None)
     return out
+
+
+LDS_BLOCKS = ("encoder", "reasoning", "decoder")
+
+
+def lds_rules(cfg: ModelConfig) -> list[Rule]:
+    """The authors' `lds` checkpoint names: the base table per block (block-local layer indices),
+    plus the embedding, final norm, untied lm_head, gate and q head."""
+    rules = []
+    for r in hf_rules(cfg):
+        if r.per_layer:
+            suffix = r.hf.removeprefix("model.layers.{i}.")
+            for block in LDS_BLOCKS:
+                targets = tuple(block + t.removeprefix("layers") for t in r.targets)
+                rules.append(Rule(f"{block}.layers.{{i}}.{suffix}", targets, r.to_jax, r.to_hf))
+    rules += [
+        _rule("encoder.embed_tokens.weight", "embed", _identity()),
+        _rule("decoder.norm.weight", "final_norm", _identity()),
+        _rule("decoder.lm_head.weight", "lm_head", _transpose()),
+        _rule("reasoning.gate.A_log", "gate.A_log", _identity()),
+        _rule("reasoning.gate.dt_input_proj.weight", "gate.w_in", _transpose()),
+        _rule("reasoning.gate.delta_proj.weight", "gate.w_dt", _transpose()),
+        _rule("reasoning.gate.delta_proj.bias", "gate.b_dt", _identity()),
+        _rule("q_head.0.weight", "q_head.ln_scale", _identity()),
+        _rule("q_head.0.bias", "q_head.ln_bias", _identity()),
+        _rule("q_head.1.weight", "q_head.w_q", _transpose()),
+        _rule("q_head.1.bias", "q_head.b_q", _identity()),
+    ]
+    return rules

@@ -39,20 +39,25 @@ def save_native(model: Transformer, path: str | Path, *, tokenizer: Any = None) 
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(path / "params", params, force=True)
     ckpt.wait_until_finished()
+    from loopus_jax.loop.model import LoopedLM
+
+    looped = isinstance(model, LoopedLM)
     meta = {
         FORMAT_KEY: FORMAT_VERSION,
-        "kind": "transformer",
+        "kind": "looped" if looped else "transformer",
         "param_dtype": np.dtype(model.embed[...].dtype).name,
         "compute_dtype": model.compute_dtype,
         "model": model.config.to_dict(),
     }
+    if looped:
+        meta["loop"] = model.loop.to_dict()
     (path / "config.json").write_text(json.dumps(meta, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path
 
 
-def load_native(path: str | Path, *, dtype: Any = None, mesh: Mesh | None = None, scan_layers: bool = True) -> Transformer:
+def load_native(path: str | Path, *, dtype: Any = None, mesh: Mesh | None = None, scan_layers: bool = True) -> nnx.Module:
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
@@ -61,9 +66,16 @@ def load_native(path: str | Path, *, dtype: Any = None, mesh: Mesh | None = None
         raise LoopusError(f"{path}: loopus format version {meta.get(FORMAT_KEY)} is not supported (expected {FORMAT_VERSION})")
     if not (path / "params").is_dir():
         raise LoopusError(f"{path} has no params/ directory; the checkpoint is incomplete")
+    from loopus_jax.loop.model import LoopConfig, LoopedLM
+
     cfg = C.ModelConfig.from_dict(meta["model"])
     stored = np.dtype(meta["param_dtype"])
-    model = nnx.eval_shape(lambda: Transformer(cfg, param_dtype=stored, dtype=meta.get("compute_dtype"), scan_layers=scan_layers))
+    kw = dict(param_dtype=stored, dtype=meta.get("compute_dtype"), scan_layers=scan_layers)
+    if meta.get("kind") == "looped":
+        loop = LoopConfig.from_dict(meta["loop"])
+        model = nnx.eval_shape(lambda: LoopedLM(cfg, loop, **kw))
+    else:
+        model = nnx.eval_shape(lambda: Transformer(cfg, **kw))
     device = jax.devices()[0]
 
     def target(p: tuple, x: Any) -> jax.ShapeDtypeStruct:
@@ -81,5 +93,6 @@ def load_native(path: str | Path, *, dtype: Any = None, mesh: Mesh | None = None
     nnx.update(model, state)
     if dtype is not None and np.dtype(dtype) != stored:
         for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-            var.set_value(var[...].astype(dtype))
+            if var[...].dtype == stored:  # the float32 gate and q head stay float32
+                var.set_value(var[...].astype(dtype))
     return model

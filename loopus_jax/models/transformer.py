@@ -76,7 +76,25 @@ class LayerStack(nnx.Module):
         return out
 
 
-class Transformer(nnx.Module):
+class LMEnds(nnx.Module):
+    """Embedding lookup and final norm + LM head, shared by the base and the looped model.
+
+    Subclasses define `config`, `compute_dtype`, `embed`, `final_norm` and `lm_head` (None if tied).
+    """
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], input_ids, axis=0).astype(self.compute_dtype)
+
+    def head_weight(self) -> jax.Array:
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final norm + lm_head; logits are float32."""
+        x = L.rms_norm(h, self.final_norm[...], self.config.rms_norm_eps)
+        return jnp.einsum("btd,dv->btv", x, self.head_weight().astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+class Transformer(LMEnds):
     """Embedding -> stacked layers -> final norm -> lm_head (or the tied embedding)."""
 
     def __init__(
@@ -97,18 +115,6 @@ class Transformer(nnx.Module):
         self.layers = LayerStack(cfg, cfg.num_layers, rngs=rngs, param_dtype=param_dtype)
         self.final_norm = nnx.Param(jnp.ones((d,), param_dtype))
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(_init("normal", (d, v), rngs.params(), param_dtype))
-
-    # The pieces, so looped models and decoders can reuse them.
-    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed[...], input_ids, axis=0).astype(self.compute_dtype)
-
-    def head_weight(self) -> jax.Array:
-        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
-
-    def logits(self, h: jax.Array) -> jax.Array:
-        """Final norm + lm_head; logits are float32."""
-        x = L.rms_norm(h, self.final_norm[...], self.config.rms_norm_eps)
-        return jnp.einsum("btd,dv->btv", x, self.head_weight().astype(x.dtype), preferred_element_type=jnp.float32)
 
     def __call__(
         self,
