@@ -53,6 +53,21 @@ def cmd_convert(a: argparse.Namespace) -> None:
     import loopus_jax as lj
 
     model, tok = lj.load(_resolve(a.src), dtype=_dtype(a.dtype), mesh=a.mesh)
+    if (a.encoder is None) != (a.decoder is None):
+        raise LoopusError("give both --encoder and --decoder to loop a model (e.g. --encoder 0-1 --decoder 29-)")
+    if a.encoder is not None:
+        from loopus_jax.loop.model import LoopedLM, loop_model
+
+        if isinstance(model, LoopedLM):
+            raise LoopusError(f"{a.src} is already looped; --encoder/--decoder apply to base checkpoints")
+        model = loop_model(model, a.encoder, a.decoder, n_recursion=a.n_recursion, seed=a.seed)
+        lc = model.loop
+        print(
+            f"looped: encoder {list(lc.encoder_layers)}, reasoning {lc.reasoning_layers[0]}..{lc.reasoning_layers[-1]}, "
+            f"decoder {list(lc.decoder_layers)}, N={lc.n_recursion}"
+        )
+    elif a.n_recursion is not None:
+        raise LoopusError("--n-recursion needs --encoder and --decoder")
     out = lj.save(model, a.out, format="loopus", tokenizer=tok)
     print(f"wrote loopus checkpoint {out}")
 
@@ -69,7 +84,7 @@ def describe(model) -> dict:
     from loopus_jax.models.transformer import num_params, param_dtype
 
     cfg = model.config
-    return {
+    info = {
         "architecture": cfg.architecture,
         "parameters": num_params(model),
         "layers": cfg.num_layers,
@@ -81,6 +96,16 @@ def describe(model) -> dict:
         "rope": {"type": cfg.rope_type, "theta": cfg.rope_theta, **dict(cfg.rope_params)},
         "dtype": param_dtype(model).name,
     }
+    loop = getattr(model, "loop", None)
+    if loop is not None:
+        info["looped"] = {
+            "encoder": list(loop.encoder_layers),
+            "reasoning": f"{loop.reasoning_layers[0]}..{loop.reasoning_layers[-1]}",
+            "decoder": list(loop.decoder_layers),
+            "n_recursion": loop.n_recursion,
+            "halting": loop.halting,
+        }
+    return info
 
 
 def cmd_info(a: argparse.Namespace) -> None:
@@ -114,6 +139,29 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
         print(f"perplexity {result.ppl:.4f} over {result.tokens} predicted tokens (nll {result.nll:.3f})")
 
 
+def cmd_analyze(a: argparse.Namespace) -> None:
+    import loopus_jax as lj
+    from loopus_jax.loop.analyze import analyze
+    from loopus_jax.models.transformer import Transformer
+    from loopus_jax.tokenizer import require_tokenizer
+
+    path = _resolve(a.model)
+    f = Path(a.text_file)
+    if not f.is_file():
+        raise LoopusError(f"text file {f} does not exist")
+    model, tok = lj.load(path)
+    if not isinstance(model, Transformer):
+        raise LoopusError("analyze measures a base model; give the checkpoint before looping")
+    out = Path(a.out)
+    dyn, split = analyze(model, require_tokenizer(tok, path), f.read_text(encoding="utf-8"), out, max_tokens=a.max_tokens)
+    print(f"{'layer':>5} {'update':>8} {'cos(l,l+1)':>10} {'cos(l+1,L)':>10}")
+    for i, (u, c, t) in enumerate(zip(dyn.update, dyn.cosine, dyn.to_last)):
+        role = "encoder" if i in split.encoder else "decoder" if i in split.decoder else ""
+        print(f"{i:>5} {u:>8.3f} {c:>10.3f} {t:>10.3f} {role}")
+    print(f"measured on {dyn.tokens} tokens; wrote {out / 'dynamics.json'} and {out / 'dynamics.png'}")
+    print(f"proposed split: {split.flags()}")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from loopus_jax.demo import run_demo
 
@@ -135,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out", help="output directory")
     c.add_argument("--dtype", help="parameter dtype: float32 or bfloat16 (default: as stored)")
     c.add_argument("--mesh", help="device mesh spec, e.g. data=1,fsdp=-1,tensor=1 (default: one device)")
+    c.add_argument("--encoder", help="loop the model: encoder layers, e.g. '1' (0..1), '0-1', '0,1' or 'none'")
+    c.add_argument("--decoder", help="loop the model: decoder layers, e.g. '29-' (29..last), '27..27' or 'none'")
+    c.add_argument("--n-recursion", type=int, help="loop depth N stored in the checkpoint (default 8)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the fresh gate and q head (default 0)")
     c.set_defaults(fn=cmd_convert)
 
     e = sub.add_parser(
@@ -145,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_arg(e, flag=False)
     e.add_argument("out", help="output directory")
-    e.add_argument("--format", choices=["hf"], default="hf", help="output format (default hf)")
+    e.add_argument(
+        "--format",
+        choices=["hf", "lds"],
+        default="hf",
+        help="hf: plain transformers checkpoint (base models); lds: the authors' LoopUS format (looped models)",
+    )
     e.add_argument("--dtype", help="tensor dtype in the output (default: the parameters' dtype)")
     e.set_defaults(fn=cmd_export)
 
@@ -165,6 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--batch-size", type=int, default=8, help="windows per jitted batch (default 8)")
     pp.add_argument("--json", action="store_true", help='print {"tokens", "nll", "ppl"} as JSON')
     pp.set_defaults(fn=cmd_eval_ppl)
+
+    an = sub.add_parser(
+        "analyze",
+        help="layer-wise representation dynamics and a proposed split",
+        description="Measure how hidden states change layer by layer on calibration text (relative update norm, "
+        "cosine of consecutive states, cosine to the final state), propose --encoder/--decoder (leading/trailing "
+        "layers whose update exceeds 1.5x the median, 1..L/4 layers each), and write dynamics.json and dynamics.png.",
+    )
+    _model_arg(an)
+    an.add_argument("--text-file", required=True, help="UTF-8 calibration text")
+    an.add_argument("--max-tokens", type=int, default=4096, help="tokens of the text to use (default 4096)")
+    an.add_argument("--out", required=True, help="output directory")
+    an.set_defaults(fn=cmd_analyze)
 
     d = sub.add_parser(
         "demo",
