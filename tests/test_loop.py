@@ -246,8 +246,12 @@ def test_halting_rules_on_hand_computed_trajectories():
 
 def test_model_convergence_extremes(looped, batch):
     ids, mask = batch
-    assert np.asarray(lj.forward(looped, ids, mask, n_recursion=4, halting="convergence", convergence_epsilon=1e9).exit_depth).tolist() == [1, 1, 1]
-    assert np.asarray(lj.forward(looped, ids, mask, n_recursion=4, halting="convergence", convergence_epsilon=0.0).exit_depth).tolist() == [4, 4, 4]
+    assert np.asarray(
+        lj.forward(looped, ids, mask, n_recursion=4, halting="convergence", convergence_epsilon=1e9).exit_depth
+    ).tolist() == [1, 1, 1]
+    assert np.asarray(
+        lj.forward(looped, ids, mask, n_recursion=4, halting="convergence", convergence_epsilon=0.0).exit_depth
+    ).tolist() == [4, 4, 4]
 
 
 def test_q_sources_differ_and_post_gate_uses_last_position(looped, batch):
@@ -295,11 +299,23 @@ def test_lds_write_read_is_bit_exact(looped, tmp_path, batch):
     assert cfg["model_type"] == "lds" and cfg["base_config_dict"]["tie_word_embeddings"] is False
     assert cfg["encoder_layer_indices"] == [0] and cfg["reasoning_layer_indices"] == [1, 2, 3]
     keys = set(SafetensorsFile(tmp_path / "m" / "model.safetensors").keys())
-    for k in ("encoder.embed_tokens.weight", "encoder.layers.0.self_attn.q_proj.weight", "reasoning.layers.0.mlp.up_proj.weight",
-              "reasoning.layers.2.input_layernorm.weight", "decoder.layers.0.post_attention_layernorm.weight",
-              "decoder.norm.weight", "decoder.lm_head.weight", "reasoning.gate.A_log", "reasoning.gate.dt_input_proj.weight",
-              "reasoning.gate.delta_proj.weight", "reasoning.gate.delta_proj.bias", "q_head.0.weight", "q_head.0.bias",
-              "q_head.1.weight", "q_head.1.bias"):
+    for k in (
+        "encoder.embed_tokens.weight",
+        "encoder.layers.0.self_attn.q_proj.weight",
+        "reasoning.layers.0.mlp.up_proj.weight",
+        "reasoning.layers.2.input_layernorm.weight",
+        "decoder.layers.0.post_attention_layernorm.weight",
+        "decoder.norm.weight",
+        "decoder.lm_head.weight",
+        "reasoning.gate.A_log",
+        "reasoning.gate.dt_input_proj.weight",
+        "reasoning.gate.delta_proj.weight",
+        "reasoning.gate.delta_proj.bias",
+        "q_head.0.weight",
+        "q_head.0.bias",
+        "q_head.1.weight",
+        "q_head.1.bias",
+    ):
         assert k in keys, k
     assert "reasoning.layers.3.mlp.up_proj.weight" not in keys  # block-local indices: 3 reasoning layers
 
@@ -315,7 +331,10 @@ def _rewrite(src, dst, edit):
     "edit,text",
     [
         (lambda t: t.pop("reasoning.gate.A_log"), "missing tensor.*reasoning.gate.A_log"),
-        (lambda t: t.__setitem__("reasoning.layers.3.mlp.up_proj.weight", np.zeros((48, 32), np.float32)), "unexpected tensor.*reasoning.layers.3"),
+        (
+            lambda t: t.__setitem__("reasoning.layers.3.mlp.up_proj.weight", np.zeros((48, 32), np.float32)),
+            "unexpected tensor.*reasoning.layers.3",
+        ),
         (lambda t: t.__setitem__("q_head.1.weight", np.zeros((2, 32), np.float32)), "q_head.1.weight has shape"),
     ],
 )
@@ -358,5 +377,7 @@ def test_authors_code_loads_our_lds_and_ours_loads_theirs(looped, tmp_path, batc
     ref.save_pretrained(str(tmp_path / "theirs"))
     back, _ = lj.load(tmp_path / "theirs")
     np.testing.assert_allclose(
-        np.asarray(lj.forward(back, ids, n_recursion=3).logits), np.asarray(lj.forward(looped, ids, n_recursion=3).logits), atol=1e-6
+        np.asarray(lj.forward(back, ids, n_recursion=3).logits),
+        np.asarray(lj.forward(looped, ids, n_recursion=3).logits),
+        atol=1e-6,
     )

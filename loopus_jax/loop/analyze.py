@@ -62,7 +62,7 @@ def _layer_stats(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array) -> 
     last = h_last.astype(jnp.float32)[None]
     w = mask.astype(jnp.float32)[None]
     norm = lambda x: jnp.linalg.norm(x, axis=-1)
-    eps = 1e-6
+    eps = 1e-12  # only guards zero vectors; larger would bias small-norm (embedding) states
     update = norm(hs - prev) / (norm(prev) + eps)
     cosine = jnp.sum(hs * prev, -1) / (norm(hs) * norm(prev) + eps)
     to_last = jnp.sum(hs * last, -1) / (norm(hs) * norm(last) + eps)
