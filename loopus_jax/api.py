@@ -136,7 +136,9 @@ def check_batch(model: nnx.Module, input_ids: Any, attention_mask: Any) -> tuple
     vocab = model.config.vocab_size
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
         raise LoopusError(f"input_ids must lie in [0, {vocab}), got values in [{ids.min()}, {ids.max()}]")
-    mask = np.ones_like(ids, np.int32) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape[0], -1)
+    mask = np.ones_like(ids, np.int32) if attention_mask is None else np.asarray(attention_mask)
+    if mask.ndim == 1:
+        mask = mask[None]
     if mask.shape != ids.shape:
         raise LoopusError(f"attention_mask shape {list(mask.shape)} does not match input_ids {list(ids.shape)}")
     return ids.astype(np.int32), mask.astype(np.int32)

@@ -110,6 +110,36 @@ def _rope(hf: dict) -> tuple[float, str, dict, float]:
     return float(theta), rtype, params, float(partial)
 
 
+def _sliding_window(hf: dict, family: str, num_layers: int) -> int | None:
+    """One window for all layers, or None; per-layer mixes (HF `layer_types`) are a clear error.
+
+    Qwen2/Qwen3 window only the layers >= `max_window_layers` and only with `use_sliding_window`;
+    Mistral and Phi-3 window every layer when `sliding_window` is set.
+    """
+    window = hf.get("sliding_window")
+    if not window:
+        return None
+    types = hf.get("layer_types")
+    if types is None:
+        if family in ("qwen2", "qwen3"):
+            if not hf.get("use_sliding_window", False):
+                return None
+            first = int(hf.get("max_window_layers", 28))
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+        else:
+            types = ["sliding_attention"] * num_layers
+    kinds = set(types)
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"}:
+        return int(window)
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    raise LoopusError(
+        f"unsupported per-layer attention: layers {sliding} use a sliding window of {window} and the others full "
+        "attention; only one kind for all layers is supported"
+    )
+
+
 def from_hf(hf: dict) -> ModelConfig:
     """Parse an HF `config.json` dict; every unsupported feature is a LoopusError naming it."""
     family = _family(hf)
@@ -130,11 +160,7 @@ def from_hf(hf: dict) -> ModelConfig:
     attention_bias = bool(hf.get("attention_bias", False))
     qkv_bias = family == "qwen2" or attention_bias
     o_bias = attention_bias and family in ("llama", "mistral", "qwen3")
-    sliding = hf.get("sliding_window") if family in ("mistral", "qwen2", "phi3") else None
-    if family == "qwen2" and not hf.get("use_sliding_window", False):
-        sliding = None
-    if family == "qwen3" and hf.get("use_sliding_window", False):
-        raise LoopusError("unsupported use_sliding_window=true for Qwen3")
+    sliding = _sliding_window(hf, family, layers)
     head_dim = int(hf.get("head_dim") or hidden // heads)
     if head_dim * partial % 2:
         raise LoopusError(f"rotary dimension {head_dim * partial} must be even")
@@ -202,10 +228,13 @@ def to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
         d["attention_bias"] = cfg.o_bias
     if cfg.family == "llama":
         d["mlp_bias"] = False
-    if cfg.family in ("mistral", "qwen2", "phi3"):
+    if cfg.family in ("mistral", "phi3"):
         d["sliding_window"] = cfg.sliding_window
-    if cfg.family == "qwen2":
+    if cfg.family in ("qwen2", "qwen3"):
+        d["sliding_window"] = cfg.sliding_window
         d["use_sliding_window"] = cfg.sliding_window is not None
+        d["max_window_layers"] = 0 if cfg.sliding_window is not None else cfg.num_layers
+        d["layer_types"] = ["sliding_attention" if cfg.sliding_window else "full_attention"] * cfg.num_layers
     if cfg.family == "phi3":
         d["original_max_position_embeddings"] = cfg.max_position_embeddings
     return d
