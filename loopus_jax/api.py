@@ -149,6 +149,14 @@ def _looped_forward(graphdef: Any, state: Any, input_ids: jax.Array, attention_m
     return nnx.merge(graphdef, state)(input_ids, attention_mask, opts, q_thr, eps)
 
 
+def place_batch(model: nnx.Module, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+    """Batch arrays onto the model's mesh (split along the batch axis) or its single device."""
+    mesh = model_mesh(model)
+    if mesh is None:
+        return tuple(jnp.asarray(a) for a in arrays)
+    return tuple(jax.device_put(a, batch_sharding(mesh, a.shape)) for a in arrays)
+
+
 def forward(
     model: nnx.Module, input_ids: Any, attention_mask: Any = None, *, scan_layers: bool | None = None, **options: Any
 ) -> ModelOutput:
@@ -163,21 +171,15 @@ def forward(
     from loopus_jax.loop.model import LoopedLM
 
     if isinstance(model, LoopedLM):
-        ids, mask = check_batch(model, input_ids, attention_mask)
+        ids, mask = place_batch(model, *check_batch(model, input_ids, attention_mask))
         opts, q_thr, eps = model.options(scan_layers=scan_layers, **options)
         graphdef, state = nnx.split(model)
-        logits, exit_depth, q = _looped_forward(
-            graphdef, state, jnp.asarray(ids), jnp.asarray(mask), opts, jnp.float32(q_thr), jnp.float32(eps)
-        )
+        logits, exit_depth, q = _looped_forward(graphdef, state, ids, mask, opts, jnp.float32(q_thr), jnp.float32(eps))
         return ModelOutput(logits=logits, exit_depth=exit_depth, q=q)
     if not isinstance(model, Transformer):
         raise LoopusError(f"forward() got a {type(model).__name__}; expected a model from loopus_jax.load")
     if options:
         raise LoopusError(f"option(s) {sorted(options)} apply to looped models only; this is a base {model.config.architecture}")
-    ids, mask = check_batch(model, input_ids, attention_mask)
-    mesh = model_mesh(model)
-    if mesh is not None:
-        ids = jax.device_put(ids, batch_sharding(mesh, ids.shape))
-        mask = jax.device_put(mask, batch_sharding(mesh, mask.shape))
+    ids, mask = place_batch(model, *check_batch(model, input_ids, attention_mask))
     graphdef, state = nnx.split(model)
-    return ModelOutput(logits=_base_forward(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), scan_layers))
+    return ModelOutput(logits=_base_forward(graphdef, state, ids, mask, scan_layers))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,10 +50,39 @@ def _dtype(name: str | None):
     return dt
 
 
+def read_text_file(path: str) -> str:
+    f = Path(path)
+    if not f.exists():
+        raise LoopusError(f"text file {f} does not exist")
+    if not f.is_file():
+        raise LoopusError(f"text file {f} is not a regular file")
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LoopusError(f"text file {f} is not UTF-8 ({e.reason} at byte {e.start}); convert it to UTF-8 first") from None
+
+
+def output_dir(path: str) -> Path:
+    """Check an output directory before any long work, creating nothing: it must be a directory or creatable."""
+    out = Path(path)
+    if out.exists():
+        if not out.is_dir():
+            raise LoopusError(f"output path {out} exists and is not a directory")
+        return out
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise LoopusError(f"cannot create output directory {out}: {parent} is not a writable directory")
+    return out
+
+
 def cmd_convert(a: argparse.Namespace) -> None:
     import loopus_jax as lj
 
-    model, tok = lj.load(_resolve(a.src), dtype=_dtype(a.dtype), mesh=a.mesh)
+    dtype = _dtype(a.dtype)
+    output_dir(a.out)
+    model, tok = lj.load(_resolve(a.src), dtype=dtype, mesh=a.mesh)
     if (a.encoder is None) != (a.decoder is None):
         raise LoopusError("give both --encoder and --decoder to loop a model (e.g. --encoder 0-1 --decoder 29-)")
     if a.encoder is not None:
@@ -75,8 +105,10 @@ def cmd_convert(a: argparse.Namespace) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     import loopus_jax as lj
 
+    dtype = _dtype(a.dtype)
+    output_dir(a.out)
     model, tok = lj.load(_resolve(a.src))
-    out = lj.save(model, a.out, format=a.format, tokenizer=tok, dtype=_dtype(a.dtype))
+    out = lj.save(model, a.out, format=a.format, tokenizer=tok, dtype=dtype)
     print(f"wrote {a.format} checkpoint {out}")
 
 
@@ -126,13 +158,9 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
     from loopus_jax.tokenizer import require_tokenizer
 
     path = _resolve(a.model)
-    f = Path(a.text_file)
-    if not f.is_file():
-        raise LoopusError(f"text file {f} does not exist")
+    text = read_text_file(a.text_file)
     model, tok = lj.load(path)
-    result = perplexity(
-        model, require_tokenizer(tok, path), f.read_text(encoding="utf-8"), max_length=a.max_length, batch_size=a.batch_size
-    )
+    result = perplexity(model, require_tokenizer(tok, path), text, max_length=a.max_length, batch_size=a.batch_size)
     if a.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -146,14 +174,12 @@ def cmd_analyze(a: argparse.Namespace) -> None:
     from loopus_jax.tokenizer import require_tokenizer
 
     path = _resolve(a.model)
-    f = Path(a.text_file)
-    if not f.is_file():
-        raise LoopusError(f"text file {f} does not exist")
+    text = read_text_file(a.text_file)
+    out = output_dir(a.out)
     model, tok = lj.load(path)
     if not isinstance(model, Transformer):
         raise LoopusError("analyze measures a base model; give the checkpoint before looping")
-    out = Path(a.out)
-    dyn, split = analyze(model, require_tokenizer(tok, path), f.read_text(encoding="utf-8"), out, max_tokens=a.max_tokens)
+    dyn, split = analyze(model, require_tokenizer(tok, path), text, out, max_tokens=a.max_tokens)
     print(f"{'layer':>5} {'update':>8} {'cos(l,l+1)':>10} {'cos(l+1,L)':>10}")
     for i, (u, c, t) in enumerate(zip(dyn.update, dyn.cosine, dyn.to_last)):
         role = "encoder" if i in split.encoder else "decoder" if i in split.decoder else ""
@@ -252,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except LoopusError as e:
+        print(f"loopus: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions, ...: the system's own words, on one line
         print(f"loopus: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

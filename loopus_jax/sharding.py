@@ -87,9 +87,12 @@ def spec_for(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh
         axes = RULES.get(name) if name else None
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-        if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
-            used.update(axes)
-            out.append(axes[0] if len(axes) == 1 else axes)
+        # All the rule's axes if they divide the dimension, else the first single axis that does.
+        options = [axes] + [(a,) for a in axes] if len(axes) > 1 else [axes]
+        pick = next((o for o in options if o and dim % math.prod(mesh.shape[a] for a in o) == 0), None)
+        if pick:
+            used.update(pick)
+            out.append(pick[0] if len(pick) == 1 else pick)
         else:
             out.append(None)
     return PartitionSpec(*out)

@@ -40,6 +40,8 @@ def perplexity_of_ids(model: nnx.Module, ids: list[int], *, max_length: int = 10
     """Windows are right-padded to `max_length` so every batch has one compiled shape."""
     if max_length < 2:
         raise LoopusError(f"max_length must be at least 2, got {max_length}")
+    if batch_size < 1:
+        raise LoopusError(f"batch_size must be at least 1, got {batch_size}")
     windows = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
     windows = [w for w in windows if len(w) >= 2]
     if not windows:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from loopus_jax.api import check_batch
+from loopus_jax.api import check_batch, place_batch
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -29,7 +29,7 @@ def next_token_logprobs(model: nnx.Module, input_ids: Any, attention_mask: Any =
 
     Entries whose target or context position is padding are meaningless; callers mask them.
     """
-    ids, mask = check_batch(model, input_ids, attention_mask)
+    ids, mask = place_batch(model, *check_batch(model, input_ids, attention_mask))
     graphdef, state = nnx.split(model)
-    lp, greedy = _next_token_logprobs(graphdef, state, jnp.asarray(ids), jnp.asarray(mask))
+    lp, greedy = _next_token_logprobs(graphdef, state, ids, mask)
     return np.asarray(lp), np.asarray(greedy)
