@@ -61,15 +61,24 @@ def load(
     dtype: Any = None,
     mesh: Mesh | str | None = None,
     scan_layers: bool = True,
+    compute_dtype: Any = None,
 ) -> tuple[nnx.Module, Any]:
     """Load an HF directory, a `.gguf` file or a loopus checkpoint; returns (model, tokenizer or None).
 
-    `dtype` is the parameter dtype (default: as stored). `mesh` is a Mesh or a spec such as
-    "data=1,fsdp=-1,tensor=1"; parameters are placed on their shardings as they are read.
+    `dtype` is the parameter dtype (default: as stored); `compute_dtype` the activations' and matmuls'
+    dtype (default: the parameter dtype; norms, softmax, logits, gate and q head stay float32). `mesh`
+    is a Mesh or a spec such as "data=1,fsdp=-1,tensor=1"; parameters are placed on their shardings
+    as they are read.
     """
+    model, tokenizer = _load(Path(path), dtype, mesh, scan_layers)
+    if compute_dtype is not None:
+        model.compute_dtype = np.dtype(compute_dtype).name
+    return model, tokenizer
+
+
+def _load(path: Path, dtype: Any, mesh: Mesh | str | None, scan_layers: bool) -> tuple[nnx.Module, Any]:
     from loopus_jax.tokenizer import load_tokenizer
 
-    path = Path(path)
     if isinstance(mesh, str):
         mesh = make_mesh(mesh)
     fmt = detect_format(path)

@@ -1,0 +1,126 @@
+"""Shared pieces of the benchmark scripts: core pinning, machine facts, timing, BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+CPUS = (0, 1)
+PIN_GUARD = "LOOPUS_BENCH_PINNED"
+MD_HEADER = """# Benchmarks
+
+Each section is one benchmark script under `benchmarks/`; each row is one run of it, naming the machine
+it ran on. Times are medians of N timed runs after warm-up (N is given per section). Raw numbers, with
+machine details and library versions, are in `benchmarks/results/*.json`.
+"""
+
+
+def pin_to_cpus() -> str:
+    """Re-exec under `taskset -c 0,1` unless already pinned to exactly those cores; returns how."""
+    want = set(CPUS)
+    have = set(os.sched_getaffinity(0))
+    cpus = ",".join(map(str, CPUS))
+    if have == want:
+        return f"re-executed under taskset -c {cpus}" if os.environ.get(PIN_GUARD) else f"affinity already {{{cpus}}}"
+    if os.environ.get(PIN_GUARD):
+        return f"taskset re-exec did not pin to {sorted(want)} (affinity {sorted(have)}); continuing unpinned"
+    taskset = shutil.which("taskset")
+    if taskset is None or not want <= set(range(os.cpu_count() or 1)):
+        return f"taskset unavailable or too few cores; running with affinity {sorted(have)}"
+    env = dict(os.environ, **{PIN_GUARD: "1"})
+    os.execve(taskset, [taskset, "-c", cpus, sys.executable, *sys.argv], env)
+    raise AssertionError("unreachable")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mem_total_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(pinning: str) -> dict:
+    import importlib.metadata as md
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "pinning": pinning,
+        "mem_total_gib": mem_total_gib(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {p: ver(p) for p in ("jax", "jaxlib", "flax", "transformers", "torch", "numpy", "gguf", "loopus-jax")},
+    }
+
+
+def machine_label(info: dict) -> str:
+    return f"{info['cpu_model']}, {len(info['affinity'])} cores"
+
+
+def median_time(fn: Callable[[], object], runs: int, warmup: int) -> tuple[float, list[float]]:
+    """Median wall seconds of `fn()` over `runs` timed calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def write_section(
+    title: str, description: str, columns: list[str], new_rows: list[list[str]], key_columns: int = 2, path: Path = BENCHMARKS_MD
+) -> None:
+    """Rewrite one `## title` section of BENCHMARKS.md: earlier rows are kept, except those whose first
+    `key_columns` cells (date, machine, ...) equal a new row's, which the new row replaces."""
+    text = path.read_text() if path.exists() else MD_HEADER
+    lines = text.rstrip("\n").split("\n")
+    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
+    old_rows: list[str] = []
+    if start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        table = [line for line in lines[start + 1 : end] if line.startswith("|")]
+        old_rows = table[2:] if table and table[0] == "| " + " | ".join(columns) + " |" else []
+        before, after = lines[:start], lines[end:]
+    else:
+        before, after = lines, []
+    keys = {tuple(r[:key_columns]) for r in new_rows}
+    rows = [r for r in old_rows if tuple(c.strip() for c in r.strip("|").split("|")[:key_columns]) not in keys]
+    rows += ["| " + " | ".join(r) + " |" for r in new_rows]
+    section = [title, "", description, "", "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|", *rows]
+    while before and not before[-1].strip():
+        before.pop()
+    out = before + ["", *section] + (["", *after] if after else [])
+    path.write_text("\n".join(out) + "\n")
