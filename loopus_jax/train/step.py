@@ -1,0 +1,157 @@
+"""The random-deep-supervision train step: one jitted function per batch, depth loop as a scan.
+
+Trainable: reasoning layers, gate, q head, decoder layers, final norm, lm_head. Frozen (no gradient,
+no optimizer state): the embedding and the encoder. Update rules:
+- `per_grad_accum_supervised_losses` (the authors' accounting, default): every supervised loss is
+  differentiated on its own, scaled by 1/grad_accum, accumulated, and an AdamW update is applied
+  after every `grad_accum` supervised losses, counted across supervised steps and batches; with
+  grad_accum = 1 the later supervised steps of a batch see the weights updated by the earlier ones.
+- `per_batch`: the batch's supervised losses are averaged into one gradient and one update per batch
+  (wrap the optimizer in `optax.MultiSteps` to accumulate micro-batches, as large meshes want).
+Activations of unsupervised steps are never kept (they run under stop_gradient inside a `cond`
+branch), and each supervised gradient is taken inside the scan body, so memory does not grow with N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from loopus_jax.errors import LoopusError
+from loopus_jax.train.losses import StepLosses, last_valid_index, supervised_mask, supervised_step, unsupervised_step
+
+TRAINABLE = ("reasoning", "gate", "q_head", "decoder", "final_norm", "lm_head")
+UPDATE_RULES = ("per_grad_accum_supervised_losses", "per_batch")
+
+
+def is_trainable(path: tuple, value: Any) -> bool:
+    return isinstance(value, nnx.Param) and str(path[0]) in TRAINABLE
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    n_recursion: int
+    n_supervision: int
+    beta: float = 1.0
+    grad_accum: int = 1
+    update: str = "per_grad_accum_supervised_losses"
+
+    def check(self) -> "StepConfig":
+        if not 1 <= self.n_supervision <= self.n_recursion:
+            raise LoopusError(f"n_supervision must be in 1..n_recursion={self.n_recursion}, got {self.n_supervision}")
+        if self.grad_accum < 1:
+            raise LoopusError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.update not in UPDATE_RULES:
+            raise LoopusError(f"unknown update rule {self.update!r}; expected one of {', '.join(UPDATE_RULES)}")
+        return self
+
+
+class TrainState(NamedTuple):
+    params: Any  # trainable nnx.State (float32 master weights)
+    opt_state: Any
+    grad_acc: Any  # gradient accumulated since the last update (per_grad_accum rule)
+    n_acc: jax.Array  # supervised losses accumulated since the last update
+    updates: jax.Array  # optimizer updates applied so far
+    rng: jax.Array
+
+
+def adamw(lr: float = 5e-5, warmup: int = 0, total: int = 1000, weight_decay: float = 0.01) -> optax.GradientTransformation:
+    """torch.optim.AdamW defaults (betas 0.9/0.999, eps 1e-8, decay 0.01 on every trained tensor),
+    linear warmup then cosine decay to 0, clamped at the end (the authors' schedule restarts)."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 0), max(total, warmup + 1), end_value=0.0)
+    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+
+
+def split_model(model: nnx.Module) -> tuple[Any, Any, Any]:
+    """(graphdef, trainable state, frozen state)."""
+    return nnx.split(model, is_trainable, ...)
+
+
+def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, seed: int = 0) -> tuple[Any, Any, TrainState]:
+    """(graphdef, frozen params, initial TrainState); only trainable params get optimizer state."""
+    graphdef, params, frozen = split_model(model)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    state = TrainState(params, optimizer.init(params), zeros, jnp.int32(0), jnp.int32(0), jax.random.key(seed))
+    return graphdef, frozen, state
+
+
+def _step(
+    graphdef: Any,
+    frozen: Any,
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    optimizer: optax.GradientTransformation,
+    cfg: StepConfig,
+    scan: bool,
+    supervised: jax.Array | None = None,
+) -> tuple[TrainState, StepLosses, jax.Array]:
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    rng, sub = jax.random.split(state.rng)
+    sup = supervised_mask(sub, cfg.n_recursion, cfg.n_supervision) if supervised is None else supervised
+    model = nnx.merge(graphdef, state.params, frozen)
+    h, ctx = model.encode(ids, mask, scan)
+    h = jax.lax.stop_gradient(h)
+    watch = last_valid_index(mask)
+    per_batch = cfg.update == "per_batch"
+    scale = 1.0 / (cfg.n_supervision if per_batch else cfg.grad_accum)
+    zero_losses = StepLosses(*(jnp.float32(0),) * 6)
+
+    def loss_fn(params, h):
+        m = nnx.merge(graphdef, params, frozen)
+        h2, losses = supervised_step(m, h, ctx, labels, watch, cfg.beta, scan)
+        return losses.total * scale, (h2, losses)
+
+    def apply(params, opt_state, grads):
+        upd, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, upd), opt_state
+
+    def supervised(carry):
+        h, params, opt_state, acc, n_acc, n_upd = carry
+        (_, (h2, losses)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, h)
+        acc = jax.tree.map(jnp.add, acc, g)
+        n_acc = n_acc + 1
+        if not per_batch:
+            due = n_acc == cfg.grad_accum
+            params, opt_state = jax.lax.cond(due, apply, lambda p, o, _: (p, o), params, opt_state, acc)
+            acc = jax.tree.map(lambda a: jnp.where(due, jnp.zeros_like(a), a), acc)
+            n_upd = n_upd + due.astype(jnp.int32)
+            n_acc = jnp.where(due, 0, n_acc)
+        return (jax.lax.stop_gradient(h2), params, opt_state, acc, n_acc, n_upd), losses
+
+    def unsupervised(carry):
+        h, params, *rest = carry
+        return (unsupervised_step(nnx.merge(graphdef, params, frozen), h, ctx, scan), params, *rest), zero_losses
+
+    init = (h, state.params, state.opt_state, state.grad_acc, state.n_acc, state.updates)
+    (_, params, opt_state, acc, n_acc, n_upd), per_step = jax.lax.scan(
+        lambda c, s: jax.lax.cond(s, supervised, unsupervised, c), init, sup
+    )
+    if per_batch:
+        params, opt_state = apply(params, opt_state, acc)
+        acc = jax.tree.map(jnp.zeros_like, acc)
+        n_acc, n_upd = jnp.int32(0), n_upd + 1
+    return TrainState(params, opt_state, acc, n_acc, n_upd, rng), per_step, sup
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "cfg", "scan"), donate_argnames=("state",))
+def train_step(
+    graphdef: Any,
+    frozen: Any,
+    state: TrainState,
+    batch: dict,
+    optimizer: Any,
+    cfg: StepConfig,
+    scan: bool = True,
+    supervised: jax.Array | None = None,
+) -> tuple[TrainState, StepLosses, jax.Array]:
+    """One batch: (new state, StepLosses [N] (zeros at unsupervised steps), supervised mask [N]).
+
+    The supervised steps are drawn on device from the state's key unless `supervised` ([N] bool) fixes them.
+    """
+    return _step(graphdef, frozen, state, batch, optimizer, cfg, scan, supervised)
