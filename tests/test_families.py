@@ -97,7 +97,11 @@ SCAN_REL_TOL = 1e-6
 
 
 def _scan_exact(model) -> bool:
-    return jax.default_backend() == "cpu" and not model.config.o_bias
+    # XLA compiles the scan body and the unrolled layers separately; with an o_proj bias, or q/k
+    # RMSNorm feeding attention's head-major transposes, it fuses them differently and results
+    # differ by a few float32 ulps (seen: 6e-7 on logits of ~3). Those get the 1e-6-of-scale bound.
+    cfg = model.config
+    return jax.default_backend() == "cpu" and not cfg.o_bias and not cfg.qk_norm
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

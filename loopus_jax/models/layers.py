@@ -7,10 +7,9 @@ w_down [I, D]. Norms and softmax run in float32; matmuls in the compute dtype.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from loopus_jax.config import ModelConfig, rope_inv_freq
 
@@ -18,12 +17,20 @@ from loopus_jax.config import ModelConfig, rope_inv_freq
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-class AttnContext(NamedTuple):
+# Query block length for self-attention over one sequence: blocks attend only to keys up to their
+# end (the rest are causally masked), which skips the upper triangle and keeps scores in cache.
+ATTENTION_CHUNK = 128
+
+
+@struct.dataclass
+class AttnContext:
     """Everything a layer needs besides its weights and input; computed once per forward."""
 
     cos: jax.Array  # [B, T, rotary_dim] float32
     sin: jax.Array  # [B, T, rotary_dim] float32
     mask: jax.Array  # [B, 1, T, S] bool: True where query t may attend key s
+    # Keys are the queries themselves, masked causally by index: key s > query t is never visible.
+    self_causal: bool = struct.field(pytree_node=False, default=False)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -61,11 +68,12 @@ def make_context(
     allowed = (k_idx <= q_idx) & key_mask.astype(bool)[:, None, :]
     if cfg.sliding_window is not None:
         allowed &= q_idx - k_idx < cfg.sliding_window
-    if key_mask is attention_mask:
+    self_causal = key_mask is attention_mask
+    if self_causal:
         # Same positions can repeat on left-padded rows (all pads sit at 0): order by index too.
         t = attention_mask.shape[1]
         allowed &= jnp.tril(jnp.ones((t, t), bool))[None]
-    return AttnContext(cos, sin, allowed[:, None])
+    return AttnContext(cos, sin, allowed[:, None], self_causal)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -101,17 +109,34 @@ def qkv(p: dict, x: jax.Array, ctx: AttnContext, cfg: ModelConfig) -> tuple[jax.
     return q, k, v
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention; scores and softmax in float32. q [B,T,H,hd], k/v [B,S,Hkv,hd]."""
+def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B,K,G,T,hd], k/v [B,K,S,hd], mask [B,1,T,S] -> [B,K,G,T,hd]; scores and softmax in float32."""
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, self_causal: bool = False) -> jax.Array:
+    """Grouped-query attention. q [B,T,H,hd], k/v [B,S,Hkv,hd], mask [B,1,T,S] -> [B,T,H,hd].
+
+    Heads go in front (one transpose per input) so both matmuls are plain batched GEMMs. With
+    `self_causal`, query blocks of ATTENTION_CHUNK see only keys up to their end: the skipped keys
+    are masked anyway, so the result is the same and the masked upper triangle is never computed.
+    """
     b, t, h, d = q.shape
     hkv = k.shape[2]
-    qg = q.reshape(b, t, hkv, h // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
-    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)  # mask [B,1,T,S] -> [B,1,1,T,S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    qt = q.reshape(b, t, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if self_causal and t > ATTENTION_CHUNK:
+        blocks = [
+            _attend_block(qt[:, :, :, s:e], kt[:, :, :e], vt[:, :, :e], mask[:, :, s:e, :e])
+            for s, e in ((s, min(t, s + ATTENTION_CHUNK)) for s in range(0, t, ATTENTION_CHUNK))
+        ]
+        out = jnp.concatenate(blocks, axis=3)
+    else:
+        out = _attend_block(qt, kt, vt, mask)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def mlp(p: dict, x: jax.Array) -> jax.Array:
@@ -125,7 +150,7 @@ def decoder_layer(p: dict, h: jax.Array, ctx: AttnContext, cfg: ModelConfig) -> 
     """One pre-norm layer: h + attn(norm(h)), then + mlp(norm(.))."""
     x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
     q, k, v = qkv(p, x, ctx, cfg)
-    a = attend(q, k, v, ctx.mask)
+    a = attend(q, k, v, ctx.mask, ctx.self_causal)
     o = jnp.einsum("bthk,hkd->btd", a, p["wo"].astype(h.dtype))
     if cfg.o_bias:
         o = o + p["bo"].astype(h.dtype)
