@@ -72,7 +72,7 @@ SAME_WEIGHTS = [
 ]
 
 
-def _randomize(model: torch.nn.Module) -> None:
+def randomize_torch_params(model: torch.nn.Module) -> None:
     """Every parameter random: norms around 1, biases around 0, matrices ~ 1/sqrt(fan_in)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -111,7 +111,7 @@ def make_tiny_hf(family: str, tmp_path: Path, tie: bool = False, seed: int = 0, 
     kw.update(overrides)
     cfg = HF_CONFIGS[family](**kw)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
-    _randomize(model)
+    randomize_torch_params(model)
     if tie:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     model.eval()

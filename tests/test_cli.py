@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_torch_params
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
@@ -57,17 +58,6 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def _randomize(model: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                torch.nn.init.normal_(p, mean=1.0, std=0.2)
-            elif name.endswith(".bias"):
-                torch.nn.init.normal_(p, std=0.2)
-            else:
-                torch.nn.init.normal_(p, std=0.5 if "embed" in name else p.shape[-1] ** -0.5)
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """Untied float32 Llama with a tokenizer."""
@@ -85,7 +75,7 @@ def llama(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
         eos_token_id=2,
     )
     model = LlamaForCausalLM(cfg)
-    _randomize(model)
+    randomize_torch_params(model)
     model.eval().save_pretrained(path)
     _tokenizer().save_pretrained(path)
     return path, model
@@ -106,7 +96,7 @@ def qwen2_tied_bf16(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
         tie_word_embeddings=True,
     )
     model = AutoModelForCausalLM.from_config(cfg)
-    _randomize(model)
+    randomize_torch_params(model)
     model = model.to(torch.bfloat16).eval()
     model.save_pretrained(path)
     return path, model
