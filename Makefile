@@ -23,8 +23,10 @@ test: $(STAMP) lint
 demo: $(STAMP)
 	$(VENV)/bin/loopus demo --out demo_out
 
+# Every benchmark script; each prints a table, writes benchmarks/results/*.json and its BENCHMARKS.md section.
 bench: $(STAMP)
 	$(PY) benchmarks/forward.py
+	$(PY) benchmarks/looped_forward.py
 
 clean:
 	rm -rf $(VENV) demo_out
