@@ -6,6 +6,7 @@ llama.cpp's row permutation of the Llama q/k projections is undone.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,12 @@ class GGUFSource:
 
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(np.float32)
+
+    def release(self) -> None:
+        """Drop the GGUF's mapped pages from the resident set (the reader keeps a np.memmap)."""
+        mm = getattr(getattr(self.reader, "data", None), "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def get(self, name: str) -> np.ndarray:
         import gguf

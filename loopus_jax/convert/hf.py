@@ -124,6 +124,8 @@ def fill_from_source(
             sharding = param_sharding(tuple(t.split(".")), buf.shape, mesh) if mesh is not None else device
             p.set_value(jax.device_put(buf, sharding))
         del bufs
+        # Checkpoint pages already read need not stay resident: peak RSS stays near one model copy.
+        getattr(source, "release", lambda: None)()
     return model
 
 

@@ -54,6 +54,9 @@ class _LegacyNames:
     def get(self, name: str) -> np.ndarray:
         return self.inner.get(self.map[name])
 
+    def release(self) -> None:
+        self.inner.release()
+
 
 def is_lds(path: Path) -> bool:
     f = path / "config.json"

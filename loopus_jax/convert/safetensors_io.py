@@ -8,6 +8,7 @@ memory map (no second copy of the checkpoint in host memory) and bfloat16 needs 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -71,7 +72,7 @@ class SafetensorsFile:
             if end - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or start < 0:
                 raise LoopusError(f"{bad}: tensor {name!r} byte range does not match its shape {shape}")
             self._entries[name] = (dtype, shape, start, end)
-        self._mm: np.memmap | None = None
+        self._mm: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -88,8 +89,16 @@ class SafetensorsFile:
     def get(self, name: str) -> np.ndarray:
         dtype, shape, start, end = self._entries[name]
         if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._mm[self._data_start + start : self._data_start + end].view(dtype).reshape(shape)
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        n = end - start
+        buf = np.frombuffer(self._mm, dtype=np.uint8, count=n, offset=self._data_start + start)
+        return buf.view(dtype).reshape(shape)
+
+    def release(self) -> None:
+        """Drop the mapped pages from this process's resident set (they stay valid: re-read on access)."""
+        if self._mm is not None and hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
 
 
 class SafetensorsDir:
@@ -136,6 +145,10 @@ class SafetensorsDir:
 
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)
+
+    def release(self) -> None:
+        for f in set(self._where.values()):
+            f.release()
 
 
 # A tensor to write: name, shape, dtype, and a function producing its array when its turn comes.
