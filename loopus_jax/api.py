@@ -187,6 +187,7 @@ def forward(
         return ModelOutput(logits=logits, exit_depth=exit_depth, q=q)
     if not isinstance(model, Transformer):
         raise LoopusError(f"forward() got a {type(model).__name__}; expected a model from loopus_jax.load")
+    options = {k: v for k, v in options.items() if v is not None}  # the looped options' defaults are None
     if options:
         raise LoopusError(f"option(s) {sorted(options)} apply to looped models only; this is a base {model.config.architecture}")
     ids, mask = place_batch(model, *check_batch(model, input_ids, attention_mask))

@@ -114,6 +114,17 @@ def test_pass_through_gate_at_n1_equals_base(base, batch):
     np.testing.assert_allclose(got[v], want[v], atol=1e-5)
 
 
+def test_forward_signature_is_shared_by_base_and_looped(base, looped, batch):
+    ids, mask = batch
+    kw = dict(n_recursion=None, halting=None, q_threshold=None)
+    out = lj.forward(base, ids, mask, **kw)
+    assert out.exit_depth is None and out.q is None
+    np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(lj.forward(base, ids, mask).logits))
+    assert lj.forward(looped, ids, mask, **kw).exit_depth.shape == (3,)
+    with pytest.raises(lj.LoopusError, match="looped models only"):
+        lj.forward(base, ids, mask, n_recursion=2)
+
+
 def test_tied_base_copies_embedding_into_lm_head(base):
     tied = Transformer(CFG.__class__(**{**CFG.__dict__, "tie_word_embeddings": True}), rngs=nnx.Rngs(4))
     m = loop_model(tied, "0", "4-")
