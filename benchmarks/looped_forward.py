@@ -114,7 +114,7 @@ def main() -> None:
         "rises (2.0 never halts). The while loop stops when every sample has halted, so wall time follows the max exit depth.",
         ["date", "machine", "q_threshold", "mean exit depth", "max exit depth", "forward s"],
         [
-            [date, label, f"{h['q_threshold']:.4f}", f"{h['mean_exit']:.2f}", str(h["max_exit"]), f"{h['median_s']:.3f}"]
+            [date, label, f"{h['q_threshold']:g}", f"{h['mean_exit']:.2f}", str(h["max_exit"]), f"{h['median_s']:.3f}"]
             for h in halting
         ],
         key_columns=3,

@@ -23,7 +23,7 @@ from loopus_jax import config as C
 from loopus_jax.convert.names import IGNORED_SUFFIXES, Rule, hf_names, hf_rules
 from loopus_jax.convert.safetensors_io import SafetensorsDir, plan_shards, write_safetensors
 from loopus_jax.errors import LoopusError
-from loopus_jax.models.transformer import Transformer
+from loopus_jax.models.transformer import Transformer, param_dtype
 from loopus_jax.progress import progress
 from loopus_jax.sharding import param_sharding
 
@@ -55,7 +55,7 @@ def _hf_shape(rule: Rule, target_shapes: list[tuple[int, ...]]) -> tuple[int, ..
     return tuple(rule.to_hf(fakes).shape)
 
 
-def _common_dtype(source: TensorSource, names: list[str]) -> np.dtype:
+def common_dtype(source: TensorSource, names: list[str]) -> np.dtype:
     dts = {np.dtype(source.dtype(n)) for n in names}
     return dts.pop() if len(dts) == 1 else np.dtype(np.float32)
 
@@ -139,7 +139,7 @@ def build_from_source(
     what: str = "checkpoint",
 ) -> Transformer:
     """A Transformer whose parameters are streamed from `source` (HF names) onto `mesh`."""
-    pdt = np.dtype(dtype) if dtype is not None else _common_dtype(source, list(source.keys()))
+    pdt = np.dtype(dtype) if dtype is not None else common_dtype(source, list(source.keys()))
     model = nnx.eval_shape(lambda: Transformer(cfg, param_dtype=pdt, scan_layers=scan_layers))
     # A tied model's redundant `lm_head.weight` copy is accepted and ignored.
     ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
@@ -215,7 +215,7 @@ def save_hf(
     path.mkdir(parents=True, exist_ok=True)
     cfg: C.ModelConfig = model.config
     write_tensors(model, hf_rules(cfg), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
-    out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(model.embed[...].dtype)
+    out_dtype = np.dtype(dtype) if dtype is not None else param_dtype(model)
     (path / "config.json").write_text(json.dumps(C.to_hf(cfg, torch_dtype_name(out_dtype)), indent=2))
     write_generation_config(cfg, path)
     if tokenizer is not None:

@@ -19,12 +19,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from loopus_jax import config as C
-from loopus_jax.convert.hf import _common_dtype, fill_from_source, torch_dtype_name, write_generation_config, write_tensors
+from loopus_jax.convert.hf import common_dtype, fill_from_source, torch_dtype_name, write_generation_config, write_tensors
 from loopus_jax.convert.names import lds_rules
 from loopus_jax.convert.safetensors_io import SafetensorsDir
 from loopus_jax.errors import LoopusError
 from loopus_jax.loop.model import LoopConfig, LoopedLM
 from loopus_jax.loop.spec import make_split
+from loopus_jax.models.transformer import param_dtype
 
 # Key rewrites the authors' loader applies to older checkpoints.
 _LEGACY = ((".module.", "."), ("plateau.", "reasoning."))
@@ -113,7 +114,7 @@ def load_lds(path: str | Path, *, dtype: Any = None, mesh: Mesh | None = None, s
     cfg, loop = parse_lds_config(d)
     source = _LegacyNames(SafetensorsDir(path))
     base_names = [k for k in source.keys() if not k.startswith(("reasoning.gate.", "q_head."))]
-    pdt = np.dtype(dtype) if dtype is not None else _common_dtype(source, base_names)
+    pdt = np.dtype(dtype) if dtype is not None else common_dtype(source, base_names)
     model = nnx.eval_shape(lambda: LoopedLM(cfg, loop, param_dtype=pdt, scan_layers=scan_layers))
     return fill_from_source(source, lds_rules(cfg), model, mesh=mesh, what=str(path))
 
@@ -151,7 +152,7 @@ def save_lds(model: LoopedLM, path: str | Path, *, tokenizer: Any = None, dtype:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_tensors(model, lds_rules(model.config), path, dtype=dtype, max_shard_bytes=1 << 62)
-    out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(model.embed[...].dtype)
+    out_dtype = np.dtype(dtype) if dtype is not None else param_dtype(model)
     (path / "config.json").write_text(json.dumps(lds_config_dict(model, torch_dtype_name(out_dtype), base_name), indent=2))
     write_generation_config(model.config, path)
     if tokenizer is not None:

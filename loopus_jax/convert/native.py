@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from loopus_jax import config as C
 from loopus_jax.errors import LoopusError
-from loopus_jax.models.transformer import Transformer
+from loopus_jax.models.transformer import Transformer, param_dtype
 from loopus_jax.sharding import param_sharding
 
 FORMAT_KEY = "loopus_format"
@@ -45,7 +45,7 @@ def save_native(model: Transformer, path: str | Path, *, tokenizer: Any = None) 
     meta = {
         FORMAT_KEY: FORMAT_VERSION,
         "kind": "looped" if looped else "transformer",
-        "param_dtype": np.dtype(model.embed[...].dtype).name,
+        "param_dtype": param_dtype(model).name,
         "compute_dtype": model.compute_dtype,
         "model": model.config.to_dict(),
     }

@@ -68,13 +68,6 @@ class LayerStack(nnx.Module):
     def arrays(self) -> dict[str, jax.Array]:
         return {k: getattr(self, k)[...] for k in self.names}
 
-    def slice(self, start: int, stop: int) -> "LayerStack":
-        """A new stack holding layers [start, stop) of this one (arrays are sliced, not shared)."""
-        out = nnx.eval_shape(lambda: self)
-        for k in self.names:
-            getattr(out, k).set_value(getattr(self, k)[start:stop])
-        return out
-
 
 class LMEnds(nnx.Module):
     """Embedding lookup and final norm + LM head, shared by the base and the looped model.
@@ -142,6 +135,7 @@ class ModelOutput:
 
 
 def param_dtype(model: nnx.Module) -> np.dtype:
+    """The dtype of the model's (non-gate) parameters, as stored and exported."""
     return np.dtype(model.embed[...].dtype)
 
 
