@@ -334,3 +334,38 @@ def test_error_output_is_a_file(llama, tmp_path):
     out = tmp_path / "taken"
     out.write_text("")
     assert_user_error(loopus("convert", llama[0], out), "taken")  # `export` has the same bug
+
+
+def test_loop_convert_export_lds_and_analyze(llama, tmp_path):
+    """convert --encoder/--decoder loops a base checkpoint; export --format lds; analyze writes its outputs."""
+    src, _ = llama
+    looped = tmp_path / "looped"
+    r = loopus("convert", src, looped, "--encoder", "0", "--decoder", "2-", "--n-recursion", "3")
+    assert r.returncode == 0, r.stderr
+    assert "reasoning 1..1" in r.stdout
+    info = json.loads(loopus("info", looped, "--json").stdout)
+    assert info["looped"] == {"encoder": [0], "reasoning": "1..1", "decoder": [2], "n_recursion": 3, "halting": "none"}
+    r = loopus("export", looped, tmp_path / "lds", "--format", "lds")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "lds" / "config.json").read_text())
+    assert cfg["model_type"] == "lds" and cfg["N"] == 3 and cfg["decoder_layer_indices"] == [2]
+    import loopus_jax as lj
+
+    a, _ = lj.load(looped)
+    b, _ = lj.load(tmp_path / "lds")
+    ids = np.array([[3, 4, 5, 6]])
+    np.testing.assert_array_equal(np.asarray(lj.forward(a, ids).logits), np.asarray(lj.forward(b, ids).logits))
+    # A plain HF export of a looped model is refused with a clear error.
+    assert_user_error(loopus("export", looped, tmp_path / "hf", "--format", "hf"), "lds")
+    # Looping needs both specs; bad specs name the layer count.
+    assert_user_error(loopus("convert", src, tmp_path / "x", "--encoder", "0"), "--decoder")
+    assert_user_error(loopus("convert", src, tmp_path / "y", "--encoder", "0-1", "--decoder", "1-"), "3 layers")
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(list(VOCAB)[3:] * 20))
+    r = loopus("analyze", "--model", src, "--text-file", text, "--out", tmp_path / "an")
+    assert r.returncode == 0, r.stderr
+    assert "proposed split: --encoder" in r.stdout
+    dyn = json.loads((tmp_path / "an" / "dynamics.json").read_text())
+    assert len(dyn["update"]) == 3 and dyn["flags"] in r.stdout
+    assert (tmp_path / "an" / "dynamics.png").read_bytes()[:4] == b"\x89PNG"
