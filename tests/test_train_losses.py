@@ -190,7 +190,8 @@ def test_unsupervised_steps_contribute_no_gradient(model, batch):
     """The gradient of step 3's loss equals that of the same supervised step started from a constant state."""
     graphdef, params = _split(model)
     ids, mask, labels = (jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "labels"))
-    from loopus_jax.train.losses import last_valid_index, supervised_step
+    from loopus_jax.models.layers import last_valid_index
+    from loopus_jax.train.losses import supervised_step
 
     m = nnx.merge(graphdef, params)
     h, ctx = m.encode(ids, mask, True)

@@ -12,8 +12,9 @@ from flax import nnx
 from loopus_jax import LoopusError
 from loopus_jax.config import ModelConfig
 from loopus_jax.loop.model import loop_model
+from loopus_jax.models.layers import last_valid_index
 from loopus_jax.models.transformer import Transformer
-from loopus_jax.train.losses import deep_supervision_losses, last_valid_index, supervised_step, unsupervised_step
+from loopus_jax.train.losses import deep_supervision_losses, supervised_step, unsupervised_step
 from loopus_jax.train.step import StepConfig, adamw, init_state, split_model, train_step
 
 CFG = ModelConfig("llama", 61, 32, 48, 4, 4, 2, 8, rms_norm_eps=1e-5)

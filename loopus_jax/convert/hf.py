@@ -107,13 +107,12 @@ def fill_from_source(
     expected = check_names_and_shapes(source, rules, model, what, ignored)
     by_rule: dict[int, list[tuple[str, int | None]]] = {}
     for name, (rule, i) in expected.items():
-        by_rule.setdefault(next(k for k, r in enumerate(rules) if r is rule), []).append((name, i))
+        by_rule.setdefault(id(rule), []).append((name, i))
     device = jax.devices()[0]
-    for ri in progress(range(len(rules)), desc="converting", unit="param"):
-        rule = rules[ri]
+    for rule in progress(rules, desc="converting", unit="param"):
         params = [get_param(model, t) for t in rule.targets]
         bufs = [np.empty(p.shape, p.dtype) for p in params]
-        for name, i in by_rule[ri]:
+        for name, i in by_rule[id(rule)]:
             parts = rule.to_jax(source.get(name))
             for buf, part in zip(bufs, parts):
                 if i is None:

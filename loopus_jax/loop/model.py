@@ -20,7 +20,7 @@ from loopus_jax.errors import LoopusError
 from loopus_jax.loop import halting as H
 from loopus_jax.loop.gate import QHead, SelectiveGate, gate_apply, q_head_apply
 from loopus_jax.models import layers as L
-from loopus_jax.models.transformer import LayerStack, LMEnds, _init
+from loopus_jax.models.transformer import LayerStack, LMEnds, _init, param_dtype
 
 Q_SOURCES = ("pre_gate_last_valid", "post_gate_last")
 REMAT_POLICIES = {
@@ -157,8 +157,8 @@ class LoopedLM(LMEnds):
         h, ctx = self.encode(input_ids, attention_mask, opts.scan_layers)
         b, t = input_ids.shape
         n = opts.n_recursion
-        last_valid = (t - 1) - jnp.argmax(attention_mask[:, ::-1], axis=-1)
-        watch = last_valid if opts.q_source == "pre_gate_last_valid" else jnp.full((b,), t - 1)
+        last = L.last_valid_index(attention_mask)
+        watch = last if opts.q_source == "pre_gate_last_valid" else jnp.full((b,), t - 1)
         rows = jnp.arange(b)
 
         def step(h_old: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -220,7 +220,7 @@ def loop_model(base: Any, encoder: str, decoder: str, *, n_recursion: int = 8, s
     cfg: ModelConfig = base.config
     split = split_layers(encoder, decoder, cfg.num_layers)
     lc = LoopConfig(split.encoder, split.reasoning, split.decoder, n_recursion=n_recursion, **loop_kwargs)
-    pdt = base.embed[...].dtype
+    pdt = param_dtype(base)
     model = nnx.eval_shape(lambda: LoopedLM(cfg, lc, param_dtype=pdt, dtype=base.compute_dtype, scan_layers=base.scan_layers))
     rngs = nnx.Rngs(seed)
     model.gate = SelectiveGate(cfg.hidden_size, rngs=rngs)

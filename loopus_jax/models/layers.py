@@ -39,6 +39,12 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(pos, 0)
 
 
+def last_valid_index(attention_mask: jax.Array) -> jax.Array:
+    """Each row's last real position, for any padding (the authors take count - 1: right padding only)."""
+    t = attention_mask.shape[1]
+    return (t - 1) - jnp.argmax(attention_mask[:, ::-1], axis=-1)
+
+
 def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     inv = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
     freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, rd/2]

@@ -60,12 +60,6 @@ def bce_with_logits(logit: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean(jnp.maximum(logit, 0) - logit * target + jnp.log1p(jnp.exp(-jnp.abs(logit))))
 
 
-def last_valid_index(attention_mask: jax.Array) -> jax.Array:
-    """Each row's last real position (the authors take count - 1, the same for right padding)."""
-    t = attention_mask.shape[1]
-    return (t - 1) - jnp.argmax(attention_mask[:, ::-1], axis=-1)
-
-
 def supervised_step(
     model: nnx.Module, h_old: jax.Array, ctx: L.AttnContext, labels: jax.Array, watch: jax.Array, beta: float, scan: bool
 ) -> tuple[jax.Array, StepLosses]:
@@ -124,7 +118,7 @@ def _losses_for_mask(model: nnx.Module, batch: dict[str, Any], sup_mask: jax.Arr
     labels = jnp.asarray(batch["labels"])
     h, ctx = model.encode(ids, mask, scan)
     h = jax.lax.stop_gradient(h)
-    watch = last_valid_index(mask)
+    watch = L.last_valid_index(mask)
     zeros = StepLosses(*(jnp.float32(0),) * 6)
 
     def body(h, is_sup):

@@ -24,7 +24,8 @@ import optax
 from flax import nnx
 
 from loopus_jax.errors import LoopusError
-from loopus_jax.train.losses import StepLosses, last_valid_index, supervised_mask, supervised_step, unsupervised_step
+from loopus_jax.models.layers import last_valid_index
+from loopus_jax.train.losses import StepLosses, supervised_mask, supervised_step, unsupervised_step
 
 TRAINABLE = ("reasoning", "gate", "q_head", "decoder", "final_norm", "lm_head")
 UPDATE_RULES = ("per_grad_accum_supervised_losses", "per_batch")
