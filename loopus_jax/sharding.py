@@ -120,6 +120,22 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     return model
 
 
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """A sharding for every leaf of a pytree of parameters or parameter-shaped state (optimizer
+    moments, accumulated gradients): a leaf whose last dict key names a parameter gets that
+    parameter's sharding, anything else (step counters, RNG keys) is replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path: tuple, leaf: Any) -> NamedSharding:
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        shape = tuple(getattr(leaf, "shape", ()))
+        if names and shape and str(names[-1]) in _PARAM_AXES:
+            return param_sharding(tuple(names), shape, mesh)
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     return NamedSharding(mesh, spec_for(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
 

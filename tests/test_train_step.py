@@ -147,6 +147,28 @@ def test_supervised_steps_are_drawn_on_device_distinct(batch):
     assert len(seen) > 1
 
 
+def test_bf16_compute_keeps_float32_master_weights_and_losses(batch):
+    """bf16 activations and matmuls; parameters, optimizer state and losses stay float32.
+
+    The bf16 losses are the float32 ones within 3e-2 relative: bf16 keeps 8 mantissa bits (~4e-3
+    relative per rounding) and the error of a few layers' rounding adds up to ~1e-2 on a loss of ~4.
+    They must also differ from float32 at all, or the policy was not applied.
+    """
+    cfg = StepConfig(N, 2).check()
+    g32, f32, s32 = init_state(_model(), OPT)
+    _, l32, _ = train_step(g32, f32, s32, batch, OPT, cfg, supervised=SUP)
+    g16, f16, s16 = init_state(_model(), OPT, compute_dtype=jnp.bfloat16)
+    s16, l16, _ = train_step(g16, f16, s16, batch, OPT, cfg, supervised=SUP)
+    assert nnx.merge(g16, s16.params, f16).compute_dtype == "bfloat16"
+    for x in jax.tree.leaves((s16.params, s16.opt_state, s16.grad_acc)):
+        assert x.dtype in (jnp.float32, jnp.int32), x.dtype
+    for a, b in zip(l16, l32, strict=True):
+        assert a.dtype == jnp.float32
+    sup = np.asarray(SUP)
+    np.testing.assert_allclose(np.asarray(l16.lm)[sup], np.asarray(l32.lm)[sup], rtol=3e-2)
+    assert not np.array_equal(np.asarray(l16.lm)[sup], np.asarray(l32.lm)[sup])
+
+
 def test_compiled_memory_is_flat_in_depth(batch):
     """XLA's memory analysis of the train step at N = 32 is within 10% of N = 4."""
 

@@ -20,11 +20,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from loopus_jax.errors import LoopusError
 from loopus_jax.models.layers import last_valid_index
+from loopus_jax.sharding import batch_sharding, tree_shardings
 from loopus_jax.train.losses import StepLosses, supervised_mask, supervised_step, unsupervised_step
 
 TRAINABLE = ("reasoning", "gate", "q_head", "decoder", "final_norm", "lm_head")
@@ -74,8 +77,16 @@ def split_model(model: nnx.Module) -> tuple[Any, Any, Any]:
     return nnx.split(model, is_trainable, ...)
 
 
-def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, seed: int = 0) -> tuple[Any, Any, TrainState]:
-    """(graphdef, frozen params, initial TrainState); only trainable params get optimizer state."""
+def init_state(
+    model: nnx.Module, optimizer: optax.GradientTransformation, seed: int = 0, compute_dtype: Any = None
+) -> tuple[Any, Any, TrainState]:
+    """(graphdef, frozen params, initial TrainState); only trainable params get optimizer state.
+
+    `compute_dtype` (e.g. bfloat16) sets the activations' and matmuls' dtype; the parameters stay
+    as stored (float32 master weights), and the gate, q head, logits and losses stay float32.
+    """
+    if compute_dtype is not None:
+        model.compute_dtype = jnp.dtype(compute_dtype).name
     graphdef, params, frozen = split_model(model)
     zeros = jax.tree.map(jnp.zeros_like, params)
     state = TrainState(params, optimizer.init(params), zeros, jnp.int32(0), jnp.int32(0), jax.random.key(seed))
@@ -91,6 +102,7 @@ def _step(
     cfg: StepConfig,
     scan: bool,
     supervised: jax.Array | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, StepLosses, jax.Array]:
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     rng, sub = jax.random.split(state.rng)
@@ -98,6 +110,8 @@ def _step(
     model = nnx.merge(graphdef, state.params, frozen)
     h, ctx = model.encode(ids, mask, scan)
     h = jax.lax.stop_gradient(h)
+    if mesh is not None:  # the loop-carried state is data-parallel: batch split over data x fsdp, features whole
+        h = jax.lax.with_sharding_constraint(h, batch_sharding(mesh, h.shape))
     watch = last_valid_index(mask)
     per_batch = cfg.update == "per_batch"
     scale = 1.0 / (cfg.n_supervision if per_batch else cfg.grad_accum)
@@ -156,3 +170,74 @@ def train_step(
     The supervised steps are drawn on device from the state's key unless `supervised` ([N] bool) fixes them.
     """
     return _step(graphdef, frozen, state, batch, optimizer, cfg, scan, supervised)
+
+
+def place_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host batch -> global arrays split over the mesh's data and fsdp axes.
+
+    On one process `batch` is the whole batch; on several (multi-host) it is this process's rows,
+    and the global batch is their concatenation in process order.
+    """
+    if jax.process_count() == 1:
+        return {k: jax.device_put(np.asarray(v), batch_sharding(mesh, np.shape(v))) for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape), v, global_shape)
+    return out
+
+
+def _to_mesh(tree: Any, mesh: Mesh) -> Any:
+    shardings = tree_shardings(tree, mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(x: Any, sh: NamedSharding) -> jax.Array:
+        # Multi-host: device_put cannot reach other processes' devices; build the global array from
+        # this process's copy, shard by shard (RNG keys travel as their raw uint32 data).
+        is_key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+        host = np.asarray(jax.random.key_data(x) if is_key else x)
+        if is_key:
+            sh = NamedSharding(mesh, PartitionSpec(*sh.spec, *([None] * (host.ndim - len(sh.spec)))))
+        arr = jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+        return jax.random.wrap_key_data(arr) if is_key else arr
+
+    return jax.tree.map(put, tree, shardings)
+
+
+class ShardedStep:
+    """`train_step` compiled once per batch shape with explicit in/out shardings on a mesh (pjit).
+
+    Parameters, optimizer moments and accumulated gradients are sharded by the logical-axis rules
+    (`loopus_jax.sharding.RULES`), the batch over `data` x `fsdp`, scalars and the RNG replicated;
+    the state is donated. `place(frozen, state)` moves host or single-device trees onto the mesh.
+    """
+
+    def __init__(self, graphdef: Any, optimizer: optax.GradientTransformation, cfg: StepConfig, mesh: Mesh, scan: bool = True):
+        self.graphdef, self.optimizer, self.cfg, self.mesh, self.scan = graphdef, optimizer, cfg.check(), mesh, scan
+        self._compiled: dict[tuple, Any] = {}
+
+    def place(self, frozen: Any, state: TrainState) -> tuple[Any, TrainState]:
+        """Every process passes the same (host or local) values; each keeps only its devices' shards."""
+        return _to_mesh(frozen, self.mesh), _to_mesh(state, self.mesh)
+
+    def _jit(self, frozen: Any, state: TrainState, batch: dict[str, jax.Array]) -> Any:
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        state_sh = tree_shardings(state, self.mesh)
+        fn = functools.partial(_step, self.graphdef, optimizer=self.optimizer, cfg=self.cfg, scan=self.scan, mesh=self.mesh)
+        return jax.jit(
+            fn,
+            in_shardings=(tree_shardings(frozen, self.mesh), state_sh, {k: v.sharding for k, v in batch.items()}),
+            out_shardings=(state_sh, replicated, replicated),
+            donate_argnums=(1,),
+        )
+
+    def __call__(self, frozen: Any, state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, StepLosses, jax.Array]:
+        """(new state, StepLosses [N], supervised mask [N]); `batch` as numpy (placed here) or global arrays."""
+        if not all(isinstance(v, jax.Array) and isinstance(v.sharding, NamedSharding) for v in batch.values()):
+            batch = place_batch(batch, self.mesh)
+        key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+        if key not in self._compiled:
+            self._compiled[key] = self._jit(frozen, state, batch)
+        return self._compiled[key](frozen, state, batch)
