@@ -27,6 +27,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/forward.py
 	$(PY) benchmarks/looped_forward.py
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -25,6 +25,23 @@ machine details and library versions, are in `benchmarks/results/*.json`.
 """
 
 
+def smollm2_config():
+    """SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 kv heads, vocab 49152), for random-weight runs."""
+    from loopus_jax.config import ModelConfig
+
+    return ModelConfig("llama", 49152, 576, 1536, 30, 9, 3, 64, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+
+
+def qwen3_1_7b_config():
+    """Qwen3-1.7B's shape (28 layers, hidden 2048, 16 heads / 8 kv heads, head_dim 128, qk-norm, vocab 151936)."""
+    from loopus_jax.config import ModelConfig
+
+    return ModelConfig(
+        "qwen3", 151936, 2048, 6144, 28, 16, 8, 128, rms_norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True,
+        tie_word_embeddings=True,
+    )
+
+
 def pin_to_cpus() -> str:
     """Re-exec under `taskset -c 0,1` unless already pinned to exactly those cores; returns how."""
     want = set(CPUS)

@@ -16,13 +16,7 @@ import argparse
 import json
 import time
 
-from _common import RESULTS, machine_info, machine_label, median_time, pin_to_cpus, write_section
-
-
-def smollm2_config():
-    from loopus_jax.config import ModelConfig
-
-    return ModelConfig("llama", 49152, 576, 1536, 30, 9, 3, 64, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+from _common import RESULTS, machine_info, machine_label, median_time, pin_to_cpus, smollm2_config, write_section
 
 
 def main() -> None:

@@ -1,0 +1,154 @@
+"""Random-deep-supervision train step: time, tokens/s, compile time and compiled memory against depth N.
+
+Default: a SmolLM2-135M-shaped looped model (random weights; encoder 0..1, reasoning 2..28, decoder
+29), S = 2 supervised steps, batch 2 x 256, float32 on CPU pinned to 2 cores, AdamW with the
+authors' accounting (grad_accum 1: an update after each supervised step). For N = 4, 8, 16: compile
+time (lower + XLA compile), XLA's compiled memory (arguments + outputs + temporaries), and the median
+step time of `--runs` steps after warm-up. The depth loop is one scan and unsupervised steps keep no
+activations, so compile time and memory should stay flat in N while step time grows with N.
+
+On a GPU: `--model qwen3-1.7b --dtype bfloat16 --peak-tflops 989` (H100 SXM dense bf16) adds the
+model FLOPs utilisation, FLOPs from XLA's cost analysis of the compiled step.
+
+    python benchmarks/train_step.py [--model smollm2|qwen3-1.7b] [--depths 4,8,16] [--batch 2] [--seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from _common import (
+    RESULTS,
+    machine_info,
+    machine_label,
+    median_time,
+    pin_to_cpus,
+    qwen3_1_7b_config,
+    smollm2_config,
+    write_section,
+)
+
+MODELS = {
+    "smollm2": (smollm2_config, "1", "29-", "SmolLM2-shaped, encoder 0..1, decoder 29"),
+    "qwen3-1.7b": (qwen3_1_7b_config, "1", "27-", "Qwen3-1.7B-shaped, encoder 0..1, decoder 27"),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    ap.add_argument("--depths", default="4,8,16")
+    ap.add_argument("--supervised", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--dtype", default="float32", help="compute dtype (parameters stay float32)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s in --dtype, for MFU")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin to 2 cores (GPU hosts)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    pinning = "not pinned" if a.no_pin else pin_to_cpus()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from loopus_jax.loop.model import loop_model
+    from loopus_jax.models.transformer import Transformer
+    from loopus_jax.train.step import StepConfig, adamw, init_state, train_step
+
+    make_cfg, enc, dec, shape_name = MODELS[a.model]
+    cfg = make_cfg()
+    rng = np.random.RandomState(0)
+    ids = rng.randint(0, cfg.vocab_size, (a.batch, a.seq)).astype(np.int32)
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(jnp.asarray(ids)), "labels": jnp.asarray(ids)}
+    tokens = a.batch * a.seq
+    opt = adamw(5e-5, 10, 1000)
+
+    rows = []
+    for n in [int(x) for x in a.depths.split(",")]:
+        base = Transformer(cfg, rngs=nnx.Rngs(0))
+        model = loop_model(base, enc, dec, n_recursion=n)
+        del base
+        graphdef, frozen, state = init_state(model, opt, compute_dtype=a.dtype)
+        del model
+        step_cfg = StepConfig(n, a.supervised).check()
+        t = time.perf_counter()
+        exe = train_step.lower(graphdef, frozen, state, batch, opt, step_cfg).compile()
+        compile_s = time.perf_counter() - t
+        ma = exe.memory_analysis()
+        mem = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+        cost = exe.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+        box = [state]
+
+        def run():
+            box[0], losses, _ = exe(frozen, box[0], batch)
+            return jax.block_until_ready(losses)
+
+        med, times = median_time(run, a.runs, a.warmup)
+        row = {
+            "n": n,
+            "compile_s": compile_s,
+            "memory_gib": mem / 2**30,
+            "temp_gib": ma.temp_size_in_bytes / 2**30,
+            "median_s": med,
+            "tokens_per_s": tokens / med,
+            "flops": flops,
+            "times": times,
+        }
+        if a.peak_tflops:
+            row["mfu"] = flops / med / (a.peak_tflops * 1e12)
+        rows.append(row)
+        mfu = f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""
+        print(
+            f"N={n:>3}  compile {compile_s:6.2f} s  memory {row['memory_gib']:6.3f} GiB (temp {row['temp_gib']:.3f})  "
+            f"step {med:7.3f} s  {tokens / med:8.1f} tok/s{mfu}",
+            flush=True,
+        )
+
+    by_n = {r["n"]: r for r in rows}
+    lo, hi = min(by_n), max(by_n)
+    mem_ratio = by_n[hi]["memory_gib"] / by_n[lo]["memory_gib"]
+    compile_ratio = by_n[hi]["compile_s"] / by_n[lo]["compile_s"]
+    print(f"memory(N={hi}) / memory(N={lo}) = {mem_ratio:.3f}; compile(N={hi}) / compile(N={lo}) = {compile_ratio:.3f}")
+
+    info = machine_info(pinning)
+    result = {"machine": info, "config": vars(a), "depths": rows, "memory_ratio": mem_ratio, "compile_ratio": compile_ratio}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = a.out or str(RESULTS / f"train_step_{a.model}_{a.dtype}.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    date, label = info["date"][:10], machine_label(info)
+    write_section(
+        f"## train step ({shape_name}, S = {a.supervised}, batch {a.batch} x {a.seq}, {a.dtype} compute)",
+        f"`python benchmarks/train_step.py --model {a.model} --dtype {a.dtype}`: one random-deep-supervision step with "
+        f"AdamW updates (grad_accum 1), median of {a.runs} steps after {a.warmup} warm-up; compile = lower + XLA compile; "
+        f"memory = XLA's compiled arguments + outputs + temporaries. memory(N={hi}) / memory(N={lo}) = {mem_ratio:.3f}, "
+        f"compile(N={hi}) / compile(N={lo}) = {compile_ratio:.3f}.",
+        ["date", "machine", "N", "compile s", "memory GiB", "step s", "tok/s", "MFU"],
+        [
+            [
+                date,
+                label,
+                str(r["n"]),
+                f"{r['compile_s']:.1f}",
+                f"{r['memory_gib']:.2f}",
+                f"{r['median_s']:.2f}",
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['mfu']:.1%}" if "mfu" in r else "-",
+            ]
+            for r in rows
+        ],
+        key_columns=3,
+    )
+    print(f"wrote {out} and BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
