@@ -1,7 +1,9 @@
 """GGUF files (llama.cpp) as a tensor source with HF names, so they share the HF name table.
 
-Quantized tensors are dequantized by the `gguf` package on access (one tensor at a time);
-llama.cpp's row permutation of the Llama q/k projections is undone.
+Quantized tensors are dequantized by the `gguf` package on access, one tensor at a time and in
+blocks of rows (so the package's temporaries stay small); llama.cpp's row permutation of the Llama
+q/k projections is undone. The reader's parsed metadata (a Python object per vocabulary entry, ~90 MB
+for a 49k vocabulary) is dropped once the config is read: the tokenizer is built from the file itself.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from loopus_jax.errors import LoopusError
+
+# Rows dequantized at once: bounds the gguf package's float32 temporaries to a few MB.
+DEQUANT_ROWS = 2048
 
 # GGUF architecture -> HF architecture name and whether llama.cpp permuted q/k rows.
 _ARCHS = {
@@ -78,6 +83,8 @@ class GGUFSource:
             if name is None:
                 raise LoopusError(f"{self.path}: unexpected GGUF tensor {t.name!r} for architecture {arch}")
             self._tensors[name] = t
+        self.reader.fields = {}  # everything needed is in hf_config now
+        self.release()
 
     def _field(self, key: str, default=None):
         f = self.reader.fields.get(key)
@@ -142,11 +149,15 @@ class GGUFSource:
         import gguf
 
         t = self._tensors[name]
+        w = np.empty(self.shape(name), np.float32)
+        data = t.data if t.data.ndim > 1 else t.data[None]
+        rows = w.reshape(data.shape[0], -1)
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            for i in range(0, data.shape[0], DEQUANT_ROWS):
+                block = gguf.quants.dequantize(data[i : i + DEQUANT_ROWS], t.tensor_type)
+                rows[i : i + DEQUANT_ROWS] = block.reshape(rows[i : i + DEQUANT_ROWS].shape)
         except NotImplementedError:
             raise LoopusError(f"{self.path}: tensor {t.name} has unsupported quantization {t.tensor_type.name}") from None
-        w = np.asarray(w, np.float32).reshape(self.shape(name))
         if _ARCHS[self.arch][1] and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = self.hf_config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             w = _unpermute(w, heads)
