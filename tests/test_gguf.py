@@ -13,6 +13,7 @@ K-quant packers follow `quantize_row_q4_K_ref` / `quantize_row_q6_K_ref`. Tensor
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import gguf
@@ -503,6 +504,60 @@ def test_tiny_gguf_logits_match_transformers(tmp_path, tied):
     assert ours.shape == ref.shape
     assert np.abs(ref).max() > 0.5  # O(1) logits, so 1e-5 absolute is a tight check
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+
+
+LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
+
+
+def llama_cpp_rope_freqs(theta: float, dim: int, p: dict) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf for Llama 3.x: one divisor per frequency (written from its formula)."""
+    out = []
+    for freq in 1.0 / (theta ** (np.arange(0, dim, 2) / dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < p["original_max_position_embeddings"] / p["high_freq_factor"]:
+            out.append(1.0)
+        elif wavelen > p["original_max_position_embeddings"] / p["low_freq_factor"]:
+            out.append(p["factor"])
+        else:
+            s = (p["original_max_position_embeddings"] / wavelen - p["low_freq_factor"]) / (
+                p["high_freq_factor"] - p["low_freq_factor"]
+            )
+            out.append(1 / ((1 - s) / p["factor"] + s))
+    return np.asarray(out, np.float32)
+
+
+def test_llama3_rope_freqs_tensor_becomes_llama3_scaling(tmp_path):
+    """Llama 3.x GGUFs carry RoPE scaling as a `rope_freqs.weight` tensor: we recover the HF parameters
+    and match transformers' llama3 RoPE. theta 1000, head_dim 16 puts two frequencies in the smooth band
+    (wavelengths 35 and 84 between 128/4 and 128) and two below it, so every branch is exercised; the
+    logits at positions up to 23 differ from unscaled RoPE by far more than the 1e-5 tolerance."""
+    torch.manual_seed(0)
+    ref_model = tiny_torch_llama(tied=False)
+    ref_model.config.rope_parameters = {"rope_type": "llama3", "rope_theta": TINY["theta"], **LLAMA3}
+    scaled = LlamaForCausalLM(ref_model.config).float().eval()
+    scaled.load_state_dict(ref_model.state_dict())
+    tensors = torch_to_gguf_tensors(scaled, tied=False)
+    tensors["rope_freqs.weight"] = (llama_cpp_rope_freqs(TINY["theta"], TINY["head_dim"], LLAMA3), None)
+    path = write_gguf(tmp_path / "llama3.gguf", tensors, metadata(TINY))
+    src = GGUFSource(path)
+    cfg = C.from_hf(src.hf_config)
+    assert cfg.rope_type == "llama3" and dict(cfg.rope_params) == LLAMA3
+    model = build_from_source(src, cfg)
+    ids = np.random.default_rng(1).integers(0, TINY["vocab"], (2, 24)).astype(np.int32)
+    ours = np.asarray(loopus_jax.forward(model, ids).logits)
+    with torch.no_grad():
+        ref = scaled(torch.from_numpy(ids).long()).logits.numpy()
+        unscaled = ref_model(torch.from_numpy(ids).long()).logits.numpy()
+    assert np.abs(ref - unscaled).max() > 1e-3  # the scaling matters at these positions
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_rope_freqs_no_llama3_parameters_reproduce(tmp_path):
+    tensors = tiny_f32_tensors()
+    tensors["rope_freqs.weight"] = (np.linspace(1.0, 3.0, TINY["head_dim"] // 2).astype(np.float32) ** 2, None)
+    path = write_gguf(tmp_path / "odd.gguf", tensors, metadata(TINY))
+    with pytest.raises(loopus_jax.LoopusError, match="rope_freqs.weight matches no llama3 rope scaling"):
+        GGUFSource(path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ for a 49k vocabulary) is dropped once the config is read: the tokenizer is built
 
 from __future__ import annotations
 
+import math
 import mmap
 from pathlib import Path
 
@@ -56,6 +57,48 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
+def llama3_rope_from_factors(factors: np.ndarray, theta: float, head_dim: int) -> dict:
+    """HF `llama3` rope parameters from llama.cpp's `rope_freqs.weight` (one divisor per frequency).
+
+    llama.cpp stores divisors f = 1 / ((1 - s) / factor + s), with s = (orig / wavelen - low) /
+    (high - low) between the two wavelength bounds, 1 above high frequencies and `factor` below low
+    ones. factor = max(f); with low_freq_factor = 1 (every Llama 3.x release) two transitional
+    entries fix high_freq_factor and original_max_position_embeddings. The result is checked by
+    recomputing every divisor; a file that no llama3 parameters reproduce is an error.
+    """
+    from loopus_jax import config as C
+
+    f = np.asarray(factors, np.float64)
+    if np.allclose(f, 1.0):
+        return {}
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    factor = float(f.max())
+    mid = (f > 1 + 1e-4) & (f < factor * (1 - 1e-4))
+    params = None
+    if mid.sum() >= 2:
+        smooth = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
+        a, c = np.polyfit(inv[mid] / (2 * math.pi), smooth, 1)  # s = orig / (high - low) / wavelen - low / (high - low)
+        if c < 0:
+            high = 1 - 1 / c
+            orig = round(a * (high - 1))
+            params = {
+                "factor": round(factor, 4),
+                "low_freq_factor": 1.0,
+                "high_freq_factor": round(float(high), 3),
+                "original_max_position_embeddings": int(orig),
+            }
+    if params is not None:
+        items = tuple(sorted(params.items()))
+        cfg = C.ModelConfig("llama", 1, head_dim, 1, 1, 1, 1, head_dim, rope_theta=theta, rope_type="llama3", rope_params=items)
+        implied = inv / np.asarray(C.rope_inv_freq(cfg), np.float64)
+        if np.allclose(implied, f, rtol=1e-4):
+            return params
+    raise LoopusError(
+        "GGUF rope_freqs.weight matches no llama3 rope scaling (low_freq_factor 1); this file's RoPE frequencies are not "
+        "supported: convert the original HF checkpoint instead"
+    )
+
+
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's `permute` for q/k rows (interleaved -> HF half-split RoPE layout)."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -79,6 +122,9 @@ class GGUFSource:
         self.hf_config = self._config()
         self._tensors = {}
         for t in self.reader.tensors:
+            if t.name == "rope_freqs.weight":  # llama3 RoPE scaling, stored as divisors: back into the config
+                self.hf_config["rope_scaling"] = self._rope_from_freqs(t)
+                continue
             name = _hf_name(t.name)
             if name is None:
                 raise LoopusError(f"{self.path}: unexpected GGUF tensor {t.name!r} for architecture {arch}")
@@ -129,6 +175,17 @@ class GGUFSource:
                 raise LoopusError(f"{self.path}: unsupported GGUF rope scaling {scaling!r}")
             cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(self._field(f"{a}.rope.scaling.factor"))}
         return cfg
+
+    def _rope_from_freqs(self, t) -> dict | None:
+        if "rope_scaling" in self.hf_config:
+            raise LoopusError(f"{self.path}: both rope_freqs.weight and rope scaling metadata; expected one")
+        cfg = self.hf_config
+        rotary = int(self._field(f"{self.arch}.rope.dimension_count") or cfg["head_dim"])
+        factors = np.asarray(t.data, np.float32).reshape(-1)
+        if factors.size != rotary // 2:
+            raise LoopusError(f"{self.path}: rope_freqs.weight has {factors.size} entries, expected {rotary // 2}")
+        params = llama3_rope_from_factors(factors, cfg["rope_theta"], rotary)
+        return {"rope_type": "llama3", **params} if params else None
 
     def keys(self) -> list[str]:
         return list(self._tensors)
