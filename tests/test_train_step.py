@@ -162,7 +162,7 @@ def test_bf16_compute_keeps_float32_master_weights_and_losses(batch):
     assert nnx.merge(g16, s16.params, f16).compute_dtype == "bfloat16"
     for x in jax.tree.leaves((s16.params, s16.opt_state, s16.grad_acc)):
         assert x.dtype in (jnp.float32, jnp.int32), x.dtype
-    for a, b in zip(l16, l32, strict=True):
+    for a in l16:
         assert a.dtype == jnp.float32
     sup = np.asarray(SUP)
     np.testing.assert_allclose(np.asarray(l16.lm)[sup], np.asarray(l32.lm)[sup], rtol=3e-2)
