@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint clean docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,14 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/forward.py
 	$(PY) benchmarks/looped_forward.py
+	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/eval.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/train_driver.py
+
+# docs/cli.md is generated from the parser (a test checks it is current).
+docs: $(STAMP)
+	$(PY) -m loopus_jax.cli_reference > docs/cli.md
 
 clean:
 	rm -rf $(VENV) demo_out

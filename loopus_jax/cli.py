@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--batch-size", type=int, default=8, help="windows per jitted batch (default 8)")
     pp.add_argument("--json", action="store_true", help='print {"tokens", "nll", "ppl"} as JSON')
     pp.set_defaults(fn=cmd_eval_ppl)
+    from loopus_jax.eval.cli import register_eval
+
+    register_eval(evs)
 
     an = sub.add_parser(
         "analyze",
@@ -270,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     d.add_argument("--data", help="your own UTF-8 text file instead of the bundled text")
     d.set_defaults(fn=cmd_demo)
+    from loopus_jax.decode.cli import register as register_generate
+
+    register_generate(sub)
+    from loopus_jax.train.cli import register as register_train
+
+    register_train(sub)
     return p
 
 

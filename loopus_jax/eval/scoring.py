@@ -1,7 +1,12 @@
-"""Jitted token log-probabilities: the one primitive perplexity and task scoring build on."""
+"""Jitted token log-probabilities: the one primitive perplexity and task scoring build on.
+
+Works for base and looped models: looped models take the same options as `loopus_jax.forward`
+(`n_recursion`, `halting`, `q_threshold`, ...) and report each row's exit depth.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -11,17 +16,73 @@ import numpy as np
 from flax import nnx
 
 from loopus_jax.api import check_batch, place_batch
+from loopus_jax.errors import LoopusError
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _next_token_logprobs(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """log p(ids[:, t+1] | ids[:, :t+1]) and whether it is the argmax, for t in [0, T-1)."""
-    logits = nnx.merge(graphdef, state)(ids, mask)[:, :-1]
+@dataclasses.dataclass
+class TokenScores:
+    """Host arrays. `logprobs[:, j]` / `greedy[:, j]` score the token at column `T - W + j` given the
+    columns before it (W = `tail`, or T - 1); `exit_depth` [B] is None for base models; `last_logprobs`
+    [B, V] is the full log-softmax at column T - 2 (the last input column) when asked for."""
+
+    logprobs: np.ndarray
+    greedy: np.ndarray
+    exit_depth: np.ndarray | None = None
+    last_logprobs: np.ndarray | None = None
+
+
+def _logits(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, opts: Any, q_thr, eps) -> tuple[jax.Array, jax.Array]:
+    """(logits, exit depth) of a base (opts None: depth 0) or looped model, inside a jitted function."""
+    model = nnx.merge(graphdef, state)
+    if opts is None:
+        return model(ids, mask), jnp.zeros((ids.shape[0],), jnp.int32)
+    logits, depth, _ = model(ids, mask, opts, q_thr, eps)
+    return logits, depth
+
+
+def _split_options(model: nnx.Module, options: dict) -> tuple[Any, Any, Any]:
+    """Static looped-run options and the traced thresholds; base models accept only None values."""
+    from loopus_jax.loop.model import LoopedLM
+
+    if isinstance(model, LoopedLM):
+        opts, q_thr, eps = model.options(**options)
+        return opts, jnp.float32(q_thr), jnp.float32(eps)
+    extra = sorted(k for k, v in options.items() if v is not None)
+    if extra:
+        raise LoopusError(f"option(s) {extra} apply to looped models only; this is a base {model.config.architecture}")
+    return None, jnp.float32(0), jnp.float32(0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "tail", "want_last"))
+def _score(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, opts: Any, q_thr, eps, tail: int, want_last: bool):
+    logits, depth = _logits(graphdef, state, ids, mask, opts, q_thr, eps)
+    w = tail or ids.shape[1] - 1
+    logits = logits[:, -w - 1 : -1]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    target = ids[:, 1:]
+    target = ids[:, -w:]
     lp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(logits, axis=-1) == target
-    return lp, greedy
+    return lp, greedy, depth, (logp[:, -1] if want_last else None)
+
+
+def score_tokens(
+    model: nnx.Module, input_ids: Any, attention_mask: Any = None, *, tail: int | None = None, want_last: bool = False, **options
+) -> TokenScores:
+    """Log-probs of the last `tail` tokens of each row (all but the first when None) in one jitted call.
+
+    Each distinct (shape, tail, options) compiles once. Entries whose target or context is padding are
+    meaningless; callers mask them.
+    """
+    ids, mask = place_batch(model, *check_batch(model, input_ids, attention_mask))
+    graphdef, state = nnx.split(model)
+    opts, q_thr, eps = _split_options(model, options)
+    lp, greedy, depth, last = _score(graphdef, state, ids, mask, opts, q_thr, eps, tail or 0, want_last)
+    return TokenScores(
+        np.asarray(lp),
+        np.asarray(greedy),
+        None if opts is None else np.asarray(depth),
+        None if last is None else np.asarray(last),
+    )
 
 
 def next_token_logprobs(model: nnx.Module, input_ids: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +90,20 @@ def next_token_logprobs(model: nnx.Module, input_ids: Any, attention_mask: Any =
 
     Entries whose target or context position is padding are meaningless; callers mask them.
     """
+    s = score_tokens(model, input_ids, attention_mask)
+    return s.logprobs, s.greedy
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
+def _greedy(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, at: jax.Array, opts: Any, q_thr, eps):
+    logits, _ = _logits(graphdef, state, ids, mask, opts, q_thr, eps)
+    return jnp.argmax(logits[jnp.arange(ids.shape[0]), at], axis=-1).astype(jnp.int32)
+
+
+def greedy_next_tokens(model: nnx.Module, input_ids: Any, attention_mask: Any, at: Any, **options: Any) -> np.ndarray:
+    """[B] argmax token after column `at[b]` of each row (a full forward pass: no KV cache)."""
     ids, mask = place_batch(model, *check_batch(model, input_ids, attention_mask))
+    (at,) = place_batch(model, np.asarray(at, np.int32))
     graphdef, state = nnx.split(model)
-    lp, greedy = _next_token_logprobs(graphdef, state, ids, mask)
-    return np.asarray(lp), np.asarray(greedy)
+    opts, q_thr, eps = _split_options(model, options)
+    return np.asarray(_greedy(graphdef, state, ids, mask, at, opts, q_thr, eps))

@@ -1,0 +1,226 @@
+"""Batched, jitted scoring of (context, continuation) token pairs: what every task and the lm-eval adapter use.
+
+Each pair becomes one row `(context + continuation)[-(max_length + 1):]` (lm-eval's left truncation),
+left-padded so every continuation ends at the last column; the final token is masked out as an input
+(it is only a target), so the model sees exactly lm-eval's input and a looped model's halting judges
+the same last token. Rows are sorted by length and padded to a few length buckets; each bucket has
+one batch shape (rows chosen for the memory at hand) and one continuation-tail width, so it compiles
+once. Pairs whose one-token continuations share the same input (MMLU's " A"/" B"/...) share one row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from loopus_jax.errors import LoopusError
+from loopus_jax.eval.requests import Encoder, Loglikelihood, Request, Rolling
+from loopus_jax.eval.scoring import score_tokens
+from loopus_jax.progress import progress
+from loopus_jax.sharding import model_mesh
+
+MIN_BUCKET = 16
+MAX_ROWS = 256
+TOKENS_PER_BATCH_CAP = 8192  # beyond this, bigger batches stop paying off (and fill memory with logits)
+
+
+@dataclasses.dataclass
+class Score:
+    """One request's result; `exit_depth` is the mean over its rows (rolling texts have several)."""
+
+    loglikelihood: float
+    is_greedy: bool
+    exit_depth: float | None = None
+
+
+def length_buckets(max_len: int) -> list[int]:
+    """16, 24, 32, 48, 64, 96, ... (at most 1.5x padding), ending at `max_len`."""
+    out, b = [], MIN_BUCKET
+    while b < max_len:
+        out.append(b)
+        b = b * 3 // 2 if (b & (b - 1)) == 0 else (b // 3) * 4
+    return [*out, max_len]
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _available_bytes(model: nnx.Module) -> int:
+    dev = model.embed[...].devices().pop() if hasattr(model.embed[...], "devices") else None
+    stats = dev.memory_stats() if dev is not None and dev.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        pages = 4 << 30
+    return int(pages)
+
+
+def auto_rows(model: nnx.Module, length: int, tail: int, data_parallel: int = 1) -> int:
+    """Rows per batch for a bucket: a quarter of free memory over a rough per-row footprint
+    (activations of one layer kept live, attention scores, float32 logits of the tail, log-softmax)."""
+    cfg = model.config
+    per_row = 4 * (
+        length * (cfg.hidden_size * 12 + cfg.intermediate_size * 3)
+        + cfg.num_heads * length * length * 2
+        + 3 * (tail + 1) * cfg.vocab_size
+    )
+    rows = max(1, min(MAX_ROWS, _available_bytes(model) // 4 // per_row, max(1, TOKENS_PER_BATCH_CAP // length)))
+    return max(data_parallel, rows // data_parallel * data_parallel)
+
+
+@dataclasses.dataclass
+class _Row:
+    tokens: list[int]  # context + continuation, truncated; the last token is a target only
+    targets: list[tuple[int, int]]  # (pair index, continuation length); several for shared one-token rows
+
+
+class Scorer:
+    """Scores requests with a model and its tokenizer; looped options apply to every call.
+
+    `batch_size` fixes the rows per batch (None: chosen per bucket for the memory at hand).
+    `max_length` defaults to the model's `max_position_embeddings`, as lm-eval's HF backend.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        tokenizer: Any,
+        *,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        show_progress: bool = True,
+        **options: Any,
+    ):
+        from loopus_jax.loop.model import LoopedLM
+
+        if batch_size is not None and batch_size < 1:
+            raise LoopusError(f"batch_size must be at least 1, got {batch_size}")
+        self.model, self.encoder = model, Encoder(tokenizer)
+        self.batch_size = batch_size
+        self.max_length = int(max_length or model.config.max_position_embeddings)
+        if self.max_length < 2:
+            raise LoopusError(f"max_length must be at least 2, got {self.max_length}")
+        self.looped = isinstance(model, LoopedLM)
+        self.options = {k: v for k, v in options.items() if v is not None}
+        if self.looped:
+            model.options(**self.options)  # validate now, not in the middle of a run
+        elif self.options:
+            raise LoopusError(
+                f"option(s) {sorted(self.options)} apply to looped models only; this is a base {model.config.architecture}"
+            )
+        mesh = model_mesh(model)
+        self.data_parallel = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        self.show_progress = show_progress
+
+    # Public API -----------------------------------------------------------------------------------
+
+    def score(self, requests: list[Request]) -> list[Score]:
+        """Scores in request order; a Rolling request's log-likelihood sums its windows."""
+        pairs: list[tuple[list[int], list[int]]] = []
+        owner: list[int] = []
+        for i, r in enumerate(requests):
+            if isinstance(r, Loglikelihood):
+                pairs.append(self.encoder.pair(r.context, r.continuation))
+                owner.append(i)
+            elif isinstance(r, Rolling):
+                for w in self.encoder.rolling_windows(r.text, self.max_length):
+                    pairs.append(w)
+                    owner.append(i)
+            else:
+                raise TypeError(f"not a request: {r!r}")
+        scored = self.score_pairs(pairs)
+        ll = np.zeros(len(requests))
+        greedy = np.ones(len(requests), bool)
+        depth_sum, depth_n = np.zeros(len(requests)), np.zeros(len(requests))
+        for o, s in zip(owner, scored):
+            ll[o] += s.loglikelihood
+            greedy[o] &= s.is_greedy
+            if s.exit_depth is not None:
+                depth_sum[o] += s.exit_depth
+                depth_n[o] += 1
+        return [
+            Score(float(ll[i]), bool(greedy[i]), float(depth_sum[i] / depth_n[i]) if depth_n[i] else None)
+            for i in range(len(requests))
+        ]
+
+    def score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[Score]:
+        """Token-level entry point: (context ids, continuation ids) -> Score, in input order."""
+        rows = self._rows(pairs)
+        out: list[Score | None] = [None] * len(pairs)
+        by_bucket: dict[int, list[_Row]] = defaultdict(list)
+        buckets = length_buckets(self.max_length + 1)
+        for row in rows:
+            by_bucket[next(b for b in buckets if b >= len(row.tokens))].append(row)
+        plan = []
+        for length in sorted(by_bucket, reverse=True):
+            brows = by_bucket[length]
+            tail = min(length - 1, _pow2_at_least(max(n for r in brows for _, n in r.targets)))
+            n = self.batch_size or auto_rows(self.model, length, tail, self.data_parallel)
+            if not self.batch_size:  # a bucket smaller than one batch pads to a power of two, not to n
+                n = min(n, _pow2_at_least(len(brows)))
+            n = -(-n // self.data_parallel) * self.data_parallel
+            plan += [(length, tail, n, brows[i : i + n]) for i in range(0, len(brows), n)]
+        bar = progress(plan, desc="scoring", total=len(plan), unit="batch") if self.show_progress else plan
+        shared = any(len(r.targets) > 1 for r in rows)  # one compiled variant per call, not per batch
+        for length, tail, n, chunk in bar:
+            self._run(chunk, length, tail, n, shared, pairs, out)
+        return out  # type: ignore[return-value]
+
+    # Internals ------------------------------------------------------------------------------------
+
+    def _rows(self, pairs: list[tuple[list[int], list[int]]]) -> list[_Row]:
+        shared: dict[tuple[int, ...], _Row] = {}
+        rows = []
+        for i, (ctx, cont) in enumerate(pairs):
+            if not ctx or not cont:
+                raise LoopusError(f"request {i} has an empty {'context' if not ctx else 'continuation'} after tokenization")
+            if len(cont) > self.max_length:
+                raise LoopusError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length {self.max_length}")
+            whole = (ctx + cont)[-(self.max_length + 1) :]
+            if len(cont) == 1:  # rows that only differ in the one target token share one forward pass
+                key = tuple(whole[:-1])
+                if key in shared:
+                    shared[key].targets.append((i, 1))
+                    continue
+                shared[key] = _Row(whole, [(i, 1)])
+                rows.append(shared[key])
+            else:
+                rows.append(_Row(whole, [(i, len(cont))]))
+        rows.sort(key=lambda r: (-len(r.tokens), tuple(r.tokens)))
+        return rows
+
+    def _run(self, chunk: list[_Row], length: int, tail: int, n: int, shared: bool, pairs, out: list) -> None:
+        ids = np.zeros((n, length), np.int32)
+        mask = np.zeros((n, length), np.int32)
+        for r, row in enumerate(chunk):
+            ids[r, length - len(row.tokens) :] = row.tokens
+            mask[r, length - len(row.tokens) : length - 1] = 1
+        for r in range(len(chunk), n):  # filler rows keep the compiled shape; their scores are dropped
+            ids[r], mask[r] = ids[0], mask[0]
+        s = score_tokens(self.model, ids, mask, tail=tail, want_last=shared, **self.options)
+        lp = s.logprobs.astype(np.float64)
+        for r, row in enumerate(chunk):
+            depth = None if s.exit_depth is None else float(s.exit_depth[r])
+            if len(row.targets) > 1:
+                last = s.last_logprobs[r]
+                best = int(np.argmax(last))
+                for i, _ in row.targets:
+                    tok = pairs[i][1][0]
+                    out[i] = Score(float(last[tok]), best == tok, depth)
+                continue
+            ((i, k),) = row.targets
+            out[i] = Score(float(lp[r, tail - k :].sum()), bool(s.greedy[r, tail - k :].all()), depth)
+
+
+def mean_exit_depth(scores: list[Score]) -> float | None:
+    depths = [s.exit_depth for s in scores if s.exit_depth is not None]
+    return float(math.fsum(depths) / len(depths)) if depths else None

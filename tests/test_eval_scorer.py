@@ -1,0 +1,263 @@
+"""The batched scorer against one-request-at-a-time scoring, rolling windows against lm-eval's, bad
+inputs, and `loopus eval sweep` against `loopus eval tasks`.
+
+The reference for a request is computed independently: its row (context + continuation, left-truncated
+to max_length + 1, last token dropped) alone through `loopus_jax.forward` (right-padded to one width), log-softmax
+in float64 NumPy.
+Tolerance 1e-4 absolute: float32 logits move by ~1e-6 with batch shape and padding; sums of <= 64 terms.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from test_eval_lm_eval import tiny_eval_model, write_arc_easy, write_wikitext
+
+import loopus_jax as lj
+from loopus_jax.cli import main
+from loopus_jax.errors import LoopusError
+from loopus_jax.eval.requests import Encoder, Loglikelihood, Rolling
+from loopus_jax.eval.runner import evaluate
+from loopus_jax.eval.scorer import Scorer, length_buckets
+from loopus_jax.eval.tasks import resolve
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_eval_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def base(model_dir):
+    return lj.load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def looped(base):
+    from loopus_jax.loop.model import loop_model
+
+    return loop_model(base[0], "0", "2-", n_recursion=3, seed=1), base[1]
+
+
+def _naive(model, pairs, max_length, **options):
+    """(ll, greedy, exit depth) of each (context ids, continuation ids), one row at a time: the row
+    right-padded to a fixed width (one compiled shape; padding after a causal row changes nothing)."""
+    out = []
+    for ctx, cont in pairs:
+        row = (ctx + cont)[-(max_length + 1) :][:-1]
+        ids, mask = np.zeros((1, max_length), np.int32), np.zeros((1, max_length), np.int32)
+        ids[0, : len(row)], mask[0, : len(row)] = row, 1
+        o = lj.forward(model, ids, mask, **options)
+        logits = np.asarray(o.logits[0, : len(row)], np.float64)
+        top = logits.max(-1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        pos = np.arange(len(row) - len(cont), len(row))
+        ll = float(logp[pos, cont].sum())
+        greedy = bool((logits[pos].argmax(-1) == np.array(cont)).all())
+        out.append((ll, greedy, None if o.exit_depth is None else int(o.exit_depth[0])))
+    return out
+
+
+def _pairs(vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Mixed lengths: short, long (beyond max_length 64: left-truncated), shared-context one-token choices."""
+    rng = random.Random(seed)
+    tok = lambda n: [rng.randrange(3, vocab) for _ in range(n)]
+    pairs = [(tok(rng.randint(1, 90)), tok(rng.randint(1, 20))) for _ in range(22)]
+    shared = tok(40)
+    pairs += [(shared, [t]) for t in tok(4)]  # MMLU-like: one forward pass serves all four
+    pairs += [(tok(3), tok(64))]  # a continuation of exactly max_length tokens
+    return pairs
+
+
+@pytest.mark.parametrize("which", ["base", "looped_halting"])
+def test_bucketed_batches_equal_one_request_at_a_time(base, looped, which):
+    model, tok = base if which == "base" else looped
+    options = {} if which == "base" else {"n_recursion": 3, "halting": "threshold", "q_threshold": 0.5}
+    pairs = _pairs(model.config.vocab_size)
+    if which != "base":  # fewer length buckets (compiles) for the slower looped model; the base run covers them all
+        pairs = [(c[-30:], k[:10]) for c, k in pairs[::2]]
+    ctx = pairs[0][0][-30:]  # a continuation that is the model's own argmax, so is_greedy is True once
+    pairs.append((ctx, [int(lj.forward(model, np.array([ctx]), **options).logits[0, -1].argmax())]))
+    want = _naive(model, pairs, 64, **options)
+    # Rows per bucket chosen for the memory (base), or a fixed 3 that leaves partial batches (looped).
+    got = Scorer(model, tok, batch_size=None if which == "base" else 3, show_progress=False, **options).score_pairs(pairs)
+    for (ll, greedy, depth), s in zip(want, got):
+        assert s.loglikelihood == pytest.approx(ll, abs=1e-4)
+        assert s.is_greedy == greedy
+        assert s.exit_depth == depth
+    if which == "looped_halting":
+        assert len({d for *_, d in want}) > 1  # halting really differs per row, so batching could have mixed them up
+    assert any(g for _, g, _ in want) and not all(g for _, g, _ in want)
+
+
+def test_rolling_windows_are_lm_evals():
+    lm_utils = pytest.importorskip("lm_eval.utils")
+    from loopus_jax.eval.requests import disjoint, rolling_token_windows
+
+    rng = random.Random(0)
+    for n in (0, 1, 5, 63, 64, 65, 200, 513):
+        tokens = [rng.randrange(100) for _ in range(n)]
+        for max_len in (2, 16, 64):
+            want = [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(tokens, 7, max_len, 1)]
+            assert [disjoint(w) for w in rolling_token_windows(tokens, 7, max_len, 1)] == want
+            assert [t for _, c in want for t in c] == tokens  # every token predicted exactly once
+
+
+def test_encoder_moves_trailing_spaces_and_splits_the_whole_encoding(base):
+    _, tok = base
+    enc = Encoder(tok)
+    ctx, cont = enc.pair("Question: the river  ", "flows")
+    whole = tok.encode("Question: the river  flows")
+    assert ctx == tok.encode("Question: the river") and ctx + cont == whole
+    assert enc.pair("", " flows") == ([tok.bos_token_id], tok.encode(" flows", add_special_tokens=False))
+
+
+def test_rolling_request_sums_its_windows(base):
+    model, tok = base
+    text = " ".join(["the river and the mountain engine"] * 30)  # ~180 tokens: 3 windows of 64
+    sc = Scorer(model, tok, show_progress=False)
+    (r,) = sc.score([Rolling(text)])
+    windows = Encoder(tok).rolling_windows(text, 64)
+    assert len(windows) == 3
+    assert r.loglikelihood == pytest.approx(sum(ll for ll, *_ in _naive(model, windows, 64)), abs=3e-4)  # 3 sums of 1e-4
+    (single,) = sc.score([Loglikelihood("the river", " and the")])
+    assert single.loglikelihood == pytest.approx(_naive(model, [Encoder(tok).pair("the river", " and the")], 64)[0][0], abs=1e-4)
+
+
+def test_length_buckets_are_few_and_cover():
+    b = length_buckets(8193)
+    assert b[0] == 16 and b[-1] == 8193 and len(b) <= 20
+    assert all(y <= 1.5 * x for x, y in zip(b, b[1:-1]))
+
+
+# Bad inputs: one clear LoopusError naming the expected layout.
+HS_ROW = '{"activity_label": "x", "ctx_a": "a", "ctx_b": "b", "endings": "e", "label": 0}\n'
+OBQA_ROW = '{"question": {"stem": "s", "choices": [{"text": "t", "label": "A"}]}, "answerKey": "B"}\n'
+BAD_FILES = {  # task: (file, content, what the message must say)
+    "arc_easy": ("arc_easy/ARC-Easy-Test.jsonl", '{"id": 1, "question": {"stem": "q"}}\n', "question.choices"),
+    "piqa": ("piqa/valid.jsonl", '{"goal": "g", "sol1": "a", "sol2": "b"}\nnot json\n', "not JSON"),
+    "hellaswag": ("hellaswag/hellaswag_val.jsonl", HS_ROW, "endings"),
+    "winogrande": ("winogrande/dev.jsonl", '{"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"}\n', "blank"),
+    "lambada_openai": ("lambada_openai/lambada_test.jsonl", '{"txt": "a b"}\n', "'text'"),
+    "mmlu_anatomy": ("mmlu/test/anatomy_test.csv", "q,a,b,c,d,E\n", "not one of A, B, C, D"),
+    "openbookqa": ("openbookqa/test.jsonl", OBQA_ROW, "answerKey"),
+}
+
+
+@pytest.mark.parametrize("task", sorted(BAD_FILES))
+def test_malformed_file_is_a_clear_error(tmp_path, task):
+    rel, content, why = BAD_FILES[task]
+    (tmp_path / rel).parent.mkdir(parents=True)
+    (tmp_path / rel).write_text(content)
+    if task == "piqa":
+        (tmp_path / "piqa/valid-labels.lst").write_text("0\n1\n")
+    (t,) = resolve(task)
+    with pytest.raises(LoopusError) as e:
+        t.docs(tmp_path)
+    msg = str(e.value)
+    assert why in msg and "expected" in msg and rel in msg
+
+
+def test_piqa_label_count_mismatch_and_missing_file(tmp_path):
+    (t,) = resolve("piqa")
+    with pytest.raises(LoopusError, match=r"piqa/valid.jsonl not found; expected piqa/valid.jsonl \(one \{goal, sol1, sol2\}"):
+        t.docs(tmp_path)
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa/valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n')
+    (tmp_path / "piqa/valid-labels.lst").write_text("0\n1\n")
+    with pytest.raises(LoopusError, match="2 labels for 1 rows"):
+        t.docs(tmp_path)
+
+
+def test_unknown_task_and_missing_data_dir_on_the_command_line(tmp_path, capsys):
+    with pytest.raises(LoopusError, match=r"unknown task 'arc_hard'; known tasks: arc_easy, arc_challenge, .*mmlu"):
+        resolve("arc_easy,arc_hard")
+    assert main(["eval", "tasks", "--model", "default", "--tasks", "arc_hard", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loopus: error: unknown task 'arc_hard'") and len(err.splitlines()) == 1
+    assert main(["eval", "tasks", "--model", "default", "--tasks", "piqa", "--data-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "data directory" in err and "piqa/valid.jsonl (one {goal, sol1, sol2}" in err
+    assert main(["eval", "tasks", "--model", "default", "--tasks", "piqa", "--data-dir", str(tmp_path)]) == 2
+    assert "piqa/valid.jsonl not found; expected" in capsys.readouterr().err
+
+
+def test_looped_options_on_a_base_model_are_an_error(base):
+    with pytest.raises(LoopusError, match="apply to looped models only"):
+        Scorer(*base, n_recursion=4)
+
+
+# `loopus eval sweep` on a tiny looped model against `loopus eval tasks` at each N.
+def test_sweep_equals_eval_tasks_at_each_depth(tmp_path_factory, looped, base):
+    tmp = tmp_path_factory.mktemp("sweep")
+    data = tmp / "data"
+    write_arc_easy(data / "arc_easy/ARC-Easy-Test.jsonl", n=3)
+    write_wikitext(data / "wikitext-2-raw/wiki.test.raw", pages=1)
+    ckpt, base_ckpt = tmp / "looped", tmp / "base"
+    lj.save(looped[0], ckpt, tokenizer=looped[1])
+    lj.save(base[0], base_ckpt, tokenizer=base[1])
+    common = ["--tasks", "arc_easy,wikitext", "--data-dir", str(data), "--limit", "3"]
+    assert main(["eval", "sweep", "--model", str(ckpt), *common, "--n-recursion", "1,2", "--base", str(base_ckpt),
+                 "--halting", "threshold", "--q-threshold", "0.5", "--out", str(tmp / "sw")]) == 0  # fmt: skip
+    sw = json.loads((tmp / "sw/sweep.json").read_text())
+    png = (tmp / "sw/sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert [r["n_recursion"] for r in sw["runs"]] == [1, 2]
+    for run in sw["runs"]:
+        out = tmp / f"tasks_{run['n_recursion']}"
+        argv = ["eval", "tasks", "--model", str(ckpt), *common, "--n-recursion", str(run["n_recursion"])]
+        assert main([*argv, "--halting", "threshold", "--q-threshold", "0.5", "--out", str(out)]) == 0
+        res = json.loads((out / "results.json").read_text())
+        assert run["mean_exit_depth"] == res["mean_exit_depth"]
+        for task in ("arc_easy", "wikitext"):
+            for metric, value in run["scores"][task].items():
+                assert value == res["results"][task][metric], (run["n_recursion"], task, metric)
+    assert sw["runs"][0]["mean_exit_depth"] == 1.0 and 1.0 <= sw["runs"][1]["mean_exit_depth"] <= 2.0
+    want_base = evaluate(base[0], base[1], resolve("arc_easy,wikitext"), data, limit=3, show_progress=False)
+    assert sw["base"]["scores"]["wikitext"]["word_perplexity"] == want_base["results"]["wikitext"]["word_perplexity"]
+    with pytest.raises(LoopusError, match="comma-separated integers"):
+        from loopus_jax.eval.sweep import parse_depths
+
+        parse_depths("1,two")
+
+
+MESH_SCRIPT = """
+import json, sys
+import numpy as np
+import loopus_jax as lj
+from loopus_jax.eval.scorer import Scorer
+from loopus_jax.api import place_batch
+
+path, pairs_file, out = sys.argv[1:]
+pairs = json.load(open(pairs_file))
+sharded, tok = lj.load(path, mesh="data=4,fsdp=1,tensor=1")
+single, _ = lj.load(path)
+res = {}
+for name, m in (("mesh", sharded), ("single", single)):
+    res[name] = [s.loglikelihood for s in Scorer(m, tok, batch_size=3, show_progress=False).score_pairs(pairs)]
+ids = np.array([p[0][:8] for p in pairs[:4]], np.int32)
+res["devices"] = len(place_batch(sharded, ids)[0].sharding.device_set)  # how the scorer places each batch
+json.dump(res, open(out, "w"))
+"""
+
+
+def test_scoring_on_a_data_parallel_mesh_matches_one_device(tmp_path, model_dir, base):
+    """4 fake CPU devices (a subprocess: the device count is fixed when JAX starts); batch size 3 is
+    rounded up to a multiple of the data axis; scores equal one device's within 1e-4."""
+    import os
+    import subprocess
+    import sys
+
+    pairs = [p for p in _pairs(base[0].config.vocab_size) if len(p[0]) + len(p[1]) < 60][:10]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    (tmp_path / "run.py").write_text(MESH_SCRIPT)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    args = [sys.executable, str(tmp_path / "run.py"), str(model_dir), str(tmp_path / "pairs.json"), str(tmp_path / "res.json")]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["devices"] == 4
+    np.testing.assert_allclose(res["mesh"], res["single"], atol=1e-4)
