@@ -4,7 +4,9 @@ fill rules, no cache), each prompt alone, transformers' `generate`, and the samp
 
 Tolerances: tiny float32 models with O(1) logits; cached and recomputed paths sum the same float32
 terms in a different order (attention over a preallocated cache vs the prompt itself), so they agree
-to ~1e-6; we allow 1e-5. Against PyTorch (a different kernel library) we allow 1e-4 on the tiny model.
+to ~1e-6; we allow 1e-5. The naive decoder runs in float64 NumPy: float32 rounding of ours, ~1e-6
+on these logits, also within 1e-5. Against PyTorch (a different kernel library) we allow 1e-4 on the
+tiny model (seen: 1e-6) and 1e-2 on SmolLM2 (30 layers, logits ~20; seen: 1e-4).
 """
 
 from __future__ import annotations
@@ -378,8 +380,9 @@ def test_greedy_equals_transformers_on_smollm2(tmp_path):
     # The layer loop as a scan (the tiny-model tests run the default, unrolled on CPU): both paths are tested.
     ours = _ours_greedy(model, rows, 16, pad=0, stop=[hf.generation_config.eos_token_id], scan_layers=True)
     np.testing.assert_array_equal(ours.tokens, theirs[:, : ours.tokens.shape[1]])
-    # 30 float32 layers in two kernel libraries: logits (|x| ~ 20) agree to ~1e-3 (as in the forward benchmark).
-    np.testing.assert_allclose(ours.logits[0], their_logits[0, : ours.logits.shape[1]], atol=1e-2)
+    for b in range(len(rows)):
+        n = ours.lengths[b]
+        np.testing.assert_allclose(ours.logits[b, :n], their_logits[b, :n], atol=1e-2)
 
 
 # --- the CLI ----------------------------------------------------------------------------------------

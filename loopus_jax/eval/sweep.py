@@ -82,10 +82,11 @@ def plot_sweep(result: dict, path: str | Path) -> Path:
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_title(f"{task}: {metric}", fontsize=10)
         ax.set_xlabel("recursion depth")
-        if not HIGHER_IS_BETTER[metric]:
-            ax.set_yscale("log")
+        values = [*ys, *([result["base"]["scores"][task][metric]] if result.get("base") else [])]
+        if "perplexity" in metric and min(values) > 0 and max(values) / min(values) > 10:
+            ax.set_yscale("log")  # perplexities spanning decades; otherwise a linear axis reads better
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     title = f"depth sweep (halting: {result['halting']})"
