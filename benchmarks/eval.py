@@ -6,12 +6,12 @@ arc_challenge, openbookqa, winogrande (said in the output). Both sides score the
 continuation) requests built by `loopus_jax.eval.tasks` (lm-eval's prompts): ours with
 `loopus_jax.eval.scorer.Scorer` (rows per length bucket chosen for the free memory), lm-eval with
 `HFLM(...).loglikelihood` (torch on the same 2 pinned cores, the same weights through our HF export
-`loopus_jax.save(model, dir, format="hf")`), at its default batch size 1 and at --hf-batch. Both
+`loopus_jax.save(model, dir, format="hf")`), at its default batch size 1 and at the others in --hf-batches. Both
 include tokenization. Documents/s are medians of --runs timed runs after one warm-up (ours: the
 warm-up compiles). acc / acc_norm come from each side's log-likelihoods through the same metric code
 and must agree.
 
-    python benchmarks/eval.py [--data-dir ../shared/data] [--docs 500] [--runs 2] [--hf-batch 16]
+    python benchmarks/eval.py [--data-dir ../shared/data] [--docs 500] [--runs 2] [--hf-batches 1,16]
 
 Full-split zero-shot scores are long runs of `loopus eval tasks --model default --tasks T --data-dir D --out DIR/T`
 (one task per run); `--collect DIR` turns their results.json files into the BENCHMARKS.md section.
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--docs", type=int, default=500)
     ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--hf-batch", type=int, default=16)
+    ap.add_argument("--hf-batches", default="1,16", help="lm-eval HF batch sizes to measure (1 is its default)")
     ap.add_argument("--out", default=str(RESULTS / "eval.json"))
     ap.add_argument("--collect", help="folder of `loopus eval tasks --out` runs (one subfolder per task) to tabulate")
     a = ap.parse_args()
@@ -107,6 +107,10 @@ def main() -> None:
     first = time.perf_counter() - t
     ours_s, ours_times, ours_scores, ours_cpu = timed(lambda: scorer.score(reqs), a.runs)
     ours_ll = [s.loglikelihood for s in ours_scores]
+    print(
+        f"ours: {len(docs) / ours_s:.2f} docs/s (runs {[round(t, 1) for t in ours_times]} s, first with compile {first:.1f} s)",
+        flush=True,
+    )
 
     hf_rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,11 +121,12 @@ def main() -> None:
             for i, r in enumerate(reqs)
             if isinstance(r, Loglikelihood)
         ]
-        for bs in (1, a.hf_batch):
+        for bs in [int(x) for x in a.hf_batches.split(",")]:
             hf = HFLM(pretrained=tmp, device="cpu", dtype="float32", batch_size=bs)
             hf.loglikelihood(instances[: 4 * bs], disable_tqdm=True)  # warm-up
             s, times, res, cpu = timed(lambda hf=hf: hf.loglikelihood(instances, disable_tqdm=True), a.runs)
             hf_rows[bs] = {"median_s": s, "times_s": times, "lls": [x[0] for x in res], **cpu}
+            print(f"lm-eval HF bs={bs}: {len(docs) / s:.2f} docs/s (runs {[round(t, 1) for t in times]} s)", flush=True)
             del hf
 
     ours_acc = accuracy(task, docs, ours_ll)
