@@ -99,7 +99,6 @@ def _depth_loop(model, plan, stack, h, ctx, state: CacheState, slot, prefill, th
     """The halting while_loop over depths with cache writes; returns (h, exit depth [B], reasoning KV, valid)."""
     run, cfg = plan.run, model.config
     n, b, t = run.n_recursion, h.shape[0], h.shape[1]
-    rows = jnp.arange(b)
     latest = plan.fill == "latest"
     rsn, valid = state.blocks["reasoning"], state.valid
     if not latest and not prefill:
@@ -122,12 +121,15 @@ def _depth_loop(model, plan, stack, h, ctx, state: CacheState, slot, prefill, th
         h_new, kv = _run_block(model, "reasoning", stack, h_old, ctx_i, state.blocks, slot, prefill, plan, depth=i)
         gated = gate_apply(model.gate.arrays(), h_new, h_old)
         q = jax.nn.sigmoid(model.q_logit(h_old, h_new, gated, watch, run.q_source))
-        h_next = jnp.where(active[:, None, None], gated, h_old)
-        delta = jnp.linalg.norm((h_next[rows, watch] - h_old[rows, watch]).astype(jnp.float32), axis=-1)
-        halt, stats = H.decide(
+        h_next, halt, stats = H.advance(
             run.halting,
-            H.StepFacts(i, n, q, delta),
+            i,
+            n,
+            q,
+            h_old,
+            gated,
             active,
+            watch,
             stats,
             q_threshold=thr.q_threshold,
             q_eval_interval=run.q_eval_interval,

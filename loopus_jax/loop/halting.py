@@ -58,3 +58,38 @@ def decide(
     if strategy == "convergence":
         return active & (facts.delta_norm < convergence_epsilon), stats
     return jnp.zeros_like(active), stats
+
+
+def advance(
+    strategy: str,
+    step: jax.Array,
+    n: int,
+    q: jax.Array,
+    h_old: jax.Array,
+    gated: jax.Array,
+    active: jax.Array,
+    watch: jax.Array,
+    stats: jax.Array,
+    *,
+    q_threshold: jax.Array,
+    q_eval_interval: int,
+    convergence_epsilon: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One depth step of a per-sample halting loop: (next state [B,T,D], halt now [B], new stats).
+
+    Rows still active take the gated state, halted rows keep theirs; the rule then judges the change
+    at each row's watched position. Forward and decoding share this, so they halt identically.
+    """
+    rows = jnp.arange(h_old.shape[0])
+    h_next = jnp.where(active[:, None, None], gated, h_old)
+    delta = jnp.linalg.norm((h_next[rows, watch] - h_old[rows, watch]).astype(jnp.float32), axis=-1)
+    halt, stats = decide(
+        strategy,
+        StepFacts(step, n, q, delta),
+        active,
+        stats,
+        q_threshold=q_threshold,
+        q_eval_interval=q_eval_interval,
+        convergence_epsilon=convergence_epsilon,
+    )
+    return h_next, halt, stats

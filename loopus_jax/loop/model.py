@@ -159,7 +159,6 @@ class LoopedLM(LMEnds):
         n = opts.n_recursion
         last = L.last_valid_index(attention_mask)
         watch = last if opts.q_source == "pre_gate_last_valid" else jnp.full((b,), t - 1)
-        rows = jnp.arange(b)
 
         def step(h_old: jax.Array) -> tuple[jax.Array, jax.Array]:
             gated, h_new = self.reason(h_old, ctx, opts.scan_layers)
@@ -182,12 +181,15 @@ class LoopedLM(LMEnds):
             i, h_old, active, exit_depth, q_hist, stats = c
             gated, ql = step(h_old)
             q = jax.nn.sigmoid(ql)
-            h_next = jnp.where(active[:, None, None], gated, h_old)
-            delta = jnp.linalg.norm((h_next[rows, watch] - h_old[rows, watch]).astype(jnp.float32), axis=-1)
-            halt, stats = H.decide(
+            h_next, halt, stats = H.advance(
                 opts.halting,
-                H.StepFacts(i, n, q, delta),
+                i,
+                n,
+                q,
+                h_old,
+                gated,
                 active,
+                watch,
                 stats,
                 q_threshold=q_threshold,
                 q_eval_interval=opts.q_eval_interval,
