@@ -6,7 +6,9 @@ the generation loop in `generation.py` does not care which one runs.
 Cached looped model, per call (prefill: the whole left-padded prompt; step: one new token):
 encoder (its cache) -> depth loop over the reasoning layers, depth i reading and writing the depth-i
 cache, gate, q from the watched position (the prompt's last token, or the new token), per-sample
-halting with `halting.decide`; a halted row keeps its state -> decoder (its cache) -> logits.
+halting with `halting.advance` (criteria that need logits run the decoder on the watched position
+at each depth: the prompt's last token in prefill, the new token against the decoder cache in a step);
+a halted row keeps its state -> decoder (its cache) -> logits.
 A row that exits at depth k has no keys/values of its own at depths k+1..N. Fill rule `latest`: the
 K/V it had at depth k are written into every deeper depth's cache (also when the depth loop stops early
 because all rows halted), so deeper depths of later tokens attend to its latest state. Fill rule `skip`:
@@ -62,8 +64,10 @@ class WindowState:
 
 @struct.dataclass
 class Thresholds:
-    q_threshold: jax.Array
-    convergence_epsilon: jax.Array
+    """The halting criterion's two traced parameters, as `LoopedLM.options()` returns them."""
+
+    param0: jax.Array
+    param1: jax.Array
 
 
 # --- cached --------------------------------------------------------------------------------------
@@ -95,7 +99,21 @@ def _write(blocks: dict, name: str, kv, slot) -> dict:
     return blocks if kv is None else {**blocks, name: C.write(blocks[name], kv, slot)}
 
 
-def _depth_loop(model, plan, stack, h, ctx, state: CacheState, slot, prefill, thr: Thresholds, active, watch):
+def _watched_logits(model, plan, decoder, ctx, state: CacheState, slot, prefill, watch):
+    """`h -> [B, V]` logits at the watched positions, for criteria that need them: in prefill the
+    prompt's decoder over the whole prompt (`LoopedLM.watched_logits`), in a step the new token
+    through the decoder against the decoder cache (earlier tokens' K/V; its own are not written)."""
+    if prefill:
+        return lambda h: model.watched_logits(h, ctx, watch, True)
+
+    def step(h):
+        h, _ = _run_block(model, "decoder", decoder, h, ctx, state.blocks, slot, False, plan)
+        return model.logits(h)[:, 0]
+
+    return step
+
+
+def _depth_loop(model, plan, stack, decoder, h, ctx, state: CacheState, slot, prefill, thr: Thresholds, active, watch):
     """The halting while_loop over depths with cache writes; returns (h, exit depth [B], reasoning KV, valid)."""
     run, cfg = plan.run, model.config
     n, b, t = run.n_recursion, h.shape[0], h.shape[1]
@@ -107,13 +125,14 @@ def _depth_loop(model, plan, stack, h, ctx, state: CacheState, slot, prefill, th
     nl = _num_layers(stack)
     kv_shape = (nl, b, t, cfg.num_kv_heads, cfg.head_dim)
     last0 = C.KV(jnp.zeros(kv_shape, plan.cache_dtype), jnp.zeros(kv_shape, plan.cache_dtype))
+    watched_logits = _watched_logits(model, plan, decoder, ctx, state, slot, prefill, watch)
 
     def cond(c):
         i, _, active, *_ = c
         return (i < n) & jnp.any(active)
 
     def body(c):
-        i, h_old, active, exit_depth, stats, rsn, last = c
+        i, h_old, active, exit_depth, carry, rsn, last = c
         ctx_i = ctx
         if not latest and not prefill:
             vis = jax.lax.dynamic_index_in_dim(valid, i, 0, keepdims=False)
@@ -121,8 +140,9 @@ def _depth_loop(model, plan, stack, h, ctx, state: CacheState, slot, prefill, th
         h_new, kv = _run_block(model, "reasoning", stack, h_old, ctx_i, state.blocks, slot, prefill, plan, depth=i)
         gated = gate_apply(model.gate.arrays(), h_new, h_old)
         q = jax.nn.sigmoid(model.q_logit(h_old, h_new, gated, watch, run.q_source))
-        h_next, halt, stats = H.advance(
+        h_next, halt, carry = H.advance(
             run.halting,
+            (thr.param0, thr.param1),
             i,
             n,
             q,
@@ -130,19 +150,19 @@ def _depth_loop(model, plan, stack, h, ctx, state: CacheState, slot, prefill, th
             gated,
             active,
             watch,
-            stats,
-            q_threshold=thr.q_threshold,
+            carry,
             q_eval_interval=run.q_eval_interval,
-            convergence_epsilon=thr.convergence_epsilon,
+            watched_logits=watched_logits,
         )
         if latest:  # halted rows keep writing the K/V of the depth they exited at
             sel = active[None, :, None, None, None]
             kv = C.KV(jnp.where(sel, kv.k, last.k), jnp.where(sel, kv.v, last.v))
         rsn = C.write(rsn, kv, slot, depth=i)
         exit_depth = jnp.where(halt, i + 1, exit_depth)
-        return i + 1, h_next, active & ~halt, exit_depth, stats, rsn, kv
+        return i + 1, h_next, active & ~halt, exit_depth, carry, rsn, kv
 
-    init = (jnp.int32(0), h, active, jnp.where(active, n, 0).astype(jnp.int32), H.init_stats(b), rsn, last0)
+    carry0 = H.init_carry(run.halting, b, cfg.vocab_size)
+    init = (jnp.int32(0), h, active, jnp.where(active, n, 0).astype(jnp.int32), carry0, rsn, last0)
     i_end, h, _, exit_depth, _, rsn, last = jax.lax.while_loop(cond, body, init)
     if latest:
         rsn = C.fill_deeper(rsn, last, slot, i_end)
@@ -164,7 +184,7 @@ def _pass(model, plan, arrays, ids, ctx, state: CacheState, slot, prefill, thr, 
         h, kv = _run_block(model, "encoder", arrays["encoder"], h, ctx, blocks, slot, prefill, plan)
         blocks = _write(blocks, "encoder", kv, slot)
         h, exit_depth, blocks["reasoning"], valid = _depth_loop(
-            model, plan, arrays["reasoning"], h, ctx, state, slot, prefill, thr, active, watch
+            model, plan, arrays["reasoning"], arrays["decoder"], h, ctx, state, slot, prefill, thr, active, watch
         )
         h, kv = _run_block(model, "decoder", arrays["decoder"], h, ctx, blocks, slot, prefill, plan)
         blocks = _write(blocks, "decoder", kv, slot)
@@ -219,7 +239,7 @@ def step_cached(
 def _forward_last(model, plan: Plan, state: WindowState, thr: Thresholds):
     if plan.run is None:
         return model(state.ids, state.mask)[:, -1], jnp.zeros((state.ids.shape[0],), jnp.int32)
-    logits, exit_depth, _ = model(state.ids, state.mask, plan.run, thr.q_threshold, thr.convergence_epsilon)
+    logits, exit_depth, _ = model(state.ids, state.mask, plan.run, thr.param0, thr.param1)
     return logits[:, -1], exit_depth
 
 

@@ -206,11 +206,14 @@ def generate(
     until every row has produced a stop token or `max_new_tokens`; a finished row emits the pad token
     (`pad_token_id`, else the config's, else 0). `stop_tokens` None means the config's EOS; [] none.
 
-    Looped models: `n_recursion`, `halting` ("none", "threshold", "cdf", "convergence"), `q_threshold`
-    and `loop_options` (`q_eval_interval`, `convergence_epsilon`, `q_source`) default to the model's loop
-    config. The prompt runs with the same rule as `forward` (per sample, judged at its last token, every
-    prompt position takes that depth); each generated token runs encoder -> depth loop (depth i reads
-    and writes the depth-i cache; q from the new token; per-sample halting) -> decoder -> sampling.
+    Looped models: `n_recursion`, `halting` (an exit criterion: "none", LoopUS's "threshold", "cdf",
+    "convergence" or Huginn's "entropy-diff", "latent-diff", "kl", "minp-kl", "argmax-stability",
+    "cosine"; see `loopus_jax.loop.criteria`), `q_threshold` and `loop_options` (`halting_params` (dict),
+    `q_eval_interval`, `convergence_epsilon`, `q_source`) default to the model's loop config. The prompt
+    runs with the same rule as `forward` (per sample, judged at its last token, every prompt position
+    takes that depth); each generated token runs encoder -> depth loop (depth i reads and writes the
+    depth-i cache; q from the new token; per-sample halting; criteria on logits run the decoder on the
+    new token against the decoder cache at each depth) -> decoder -> sampling.
     A position that exits at depth k has no keys/values at depths k+1..N: `cache_fill="latest"` writes
     its depth-k keys/values into every deeper depth's cache (later tokens see its latest state there);
     `"skip"` hides it at the depths it did not reach. `cache=False` recomputes the whole prefix every
@@ -227,13 +230,13 @@ def generate(
     from loopus_jax.models.transformer import Transformer
 
     if isinstance(model, LoopedLM):
-        run, q_thr, eps = model.options(n_recursion=n_recursion, halting=halting, q_threshold=q_threshold, **loop_options)
+        run, p0, p1 = model.options(n_recursion=n_recursion, halting=halting, q_threshold=q_threshold, **loop_options)
     elif isinstance(model, Transformer):
         given = dict(n_recursion=n_recursion, halting=halting, q_threshold=q_threshold, **loop_options)
         given = sorted(k for k, v in given.items() if v is not None)
         if given:
             raise LoopusError(f"option(s) {given} apply to looped models only; this is a base {model.config.architecture}")
-        run, q_thr, eps = None, 0.0, 0.0
+        run, p0, p1 = None, 0.0, 0.0
     else:
         raise LoopusError(f"generate() got a {type(model).__name__}; expected a model from loopus_jax.load")
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
@@ -260,7 +263,7 @@ def generate(
     plan = E.Plan(run, bool(cache), scan, cache_fill, cdt, max_new_tokens, sampler, bool(return_logits))
     pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id or 0
     dyn = Dynamic(
-        E.Thresholds(jnp.float32(q_thr), jnp.float32(eps)),
+        E.Thresholds(jnp.float32(p0), jnp.float32(p1)),
         jnp.float32(temperature if temperature > 0 else 1.0),
         jnp.float32(1.0 if top_p is None else top_p),
         jax.random.key(seed),

@@ -16,18 +16,19 @@ greedy flags, exit depths and metrics)."""
 
 SWEEP_HELP = """Evaluate a looped model at several recursion depths N and plot each task's score against N
 (and, with --halting, against the mean exit depth); --base PATH adds the base model's score as a
-reference line. Writes sweep.json and sweep.png to --out."""
+reference line. Every exit criterion is accepted (--halting NAME, its threshold with --halting-threshold,
+other parameters with --halting-param NAME=VALUE). Writes sweep.json and sweep.png to --out."""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     from loopus_jax.cli import _model_arg
+    from loopus_jax.loop.criteria import add_cli_flags
 
     _model_arg(p)
     p.add_argument("--tasks", required=True, help="comma-separated task names, e.g. arc_challenge,piqa,mmlu")
     p.add_argument("--data-dir", required=True, help="folder with the release files, laid out as <task folder>/<file>")
     p.add_argument("--limit", type=int, help="evaluate only the first K documents of each task (of each subject for mmlu)")
-    p.add_argument("--halting", help="looped models: none, threshold, cdf or convergence (default: the checkpoint's)")
-    p.add_argument("--q-threshold", type=float, help="looped models: q threshold for halting")
+    add_cli_flags(p)
     p.add_argument("--batch-size", type=int, help="rows per jitted batch (default: chosen per length bucket for the free memory)")
     p.add_argument("--max-length", type=int, help="context window in tokens (default: the model's max_position_embeddings)")
     p.add_argument(
@@ -83,12 +84,15 @@ def _check_data_dir(path: str) -> Path:
 
 
 def _options(a: argparse.Namespace) -> dict:
+    from loopus_jax.loop.criteria import params_from_flags
+
     return {
         "limit": a.limit,
         "batch_size": a.batch_size,
         "bootstrap_iters": a.bootstrap_iters,
         "halting": a.halting,
         "q_threshold": a.q_threshold,
+        "halting_params": params_from_flags(a.halting_threshold, a.halting_param),
         **({"max_length": a.max_length} if a.max_length else {}),
     }
 
@@ -145,8 +149,8 @@ def cmd_eval_sweep(a: argparse.Namespace) -> None:
     model, tok = _load(a.model, a.mesh)
     base = _load(a.base, a.mesh) if a.base else None
     opts = _options(a)
-    halting, q_thr = opts.pop("halting"), opts.pop("q_threshold")
-    res = sweep(model, tok, tasks, data, depths, base=base, halting=halting, q_threshold=q_thr, **opts)
+    halting, q_thr, params = opts.pop("halting"), opts.pop("q_threshold"), opts.pop("halting_params")
+    res = sweep(model, tok, tasks, data, depths, base=base, halting=halting, q_threshold=q_thr, halting_params=params, **opts)
     res["model"], res["base_model"] = a.model, a.base
     js, png = write_sweep(res, out)
     for r in res["runs"]:

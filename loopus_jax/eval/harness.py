@@ -40,8 +40,9 @@ def _opt(v: Any, kind: type) -> Any:
 @register_model("loopus")
 class LoopusLM(LM):
     """`path` (any checkpoint `loopus_jax.load` reads, or 'default'), the looped options `n_recursion`,
-    `halting`, `q_threshold`, `q_eval_interval`, `convergence_epsilon`, `q_source`, and `batch_size`
-    ('auto' or rows per batch), `max_length`, `dtype`, `mesh`."""
+    `halting` (any exit criterion), `q_threshold`, `q_eval_interval`, `convergence_epsilon`, `q_source`,
+    the criterion's parameters as `halting_<name>` (e.g. `halting_threshold=5e-4`, `halting_min_p=0.1`),
+    and `batch_size` ('auto' or rows per batch), `max_length`, `dtype`, `mesh`."""
 
     def __init__(
         self,
@@ -64,6 +65,8 @@ class LoopusLM(LM):
         import loopus_jax as lj
         from loopus_jax.tokenizer import require_tokenizer
 
+        params = {k[len("halting_") :]: v for k, v in unused.items() if k.startswith("halting_") and v not in (None, "")}
+        unused = {k: v for k, v in unused.items() if not k.startswith("halting_")}
         if unused:
             log.info("loopus: ignoring model arguments %s", sorted(unused))
         if model is None:
@@ -78,6 +81,7 @@ class LoopusLM(LM):
             "q_eval_interval": _opt(q_eval_interval, int),
             "convergence_epsilon": _opt(convergence_epsilon, float),
             "q_source": _opt(q_source, str),
+            "halting_params": params or None,
         }
         self.scorer = Scorer(model, tokenizer, batch_size=bs, max_length=_opt(max_length, int), **options)
         self.tokenizer = tokenizer

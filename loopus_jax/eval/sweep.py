@@ -39,21 +39,31 @@ def sweep(
     base: tuple[nnx.Module, Any] | None = None,
     halting: str | None = None,
     q_threshold: float | None = None,
+    halting_params: dict | None = None,
     **kw: Any,
 ) -> dict:
-    """`evaluate` at each N in `depths` (looped `model`), plus once on `base` when given."""
+    """`evaluate` at each N in `depths` (looped `model`), plus once on `base` when given. `halting` is
+    any exit criterion (`loopus_jax.loop.criteria`), `halting_params` its parameters by name."""
     from loopus_jax.loop.model import LoopedLM
 
     if not isinstance(model, LoopedLM):
         raise LoopusError("sweep needs a looped model (convert one with loopus convert --encoder/--decoder)")
     runs = []
     for n in depths:
-        out = evaluate(model, tokenizer, tasks, data_dir, n_recursion=n, halting=halting, q_threshold=q_threshold, **kw)
+        halt = dict(halting=halting, q_threshold=q_threshold, halting_params=halting_params)
+        out = evaluate(model, tokenizer, tasks, data_dir, n_recursion=n, **halt, **kw)
         runs.append({"n_recursion": n, "mean_exit_depth": out["mean_exit_depth"], "scores": _scores(out)})
     ref = None
     if base is not None:
         ref = {"scores": _scores(evaluate(base[0], base[1], tasks, data_dir, **kw))}
-    return {"depths": depths, "halting": halting or model.loop.halting, "q_threshold": q_threshold, "runs": runs, "base": ref}
+    return {
+        "depths": depths,
+        "halting": halting or model.loop.halting,
+        "q_threshold": q_threshold,
+        "halting_params": halting_params,
+        "runs": runs,
+        "base": ref,
+    }
 
 
 def plot_sweep(result: dict, path: str | Path) -> Path:

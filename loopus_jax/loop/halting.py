@@ -1,22 +1,83 @@
-"""Per-sample halting rules for the depth loop (method section 5).
+"""Per-sample halting in the depth loop: one step (`advance`) shared by the looped forward and decoding.
 
-A rule is a pure function of the step's facts and its carried statistics, returning which samples
-halt now and the new statistics, so the same rules serve forward, decoding and evaluation.
-`threshold`: q > q_threshold. `cdf`: q is a hazard, survival *= (1 - q), halt when 1 - survival >
-q_threshold. `convergence`: the L2 change of the watched position's state < epsilon (every step).
-q-based rules decide only every `q_eval_interval` steps and at the last step.
+The rules themselves are exit criteria (`loopus_jax.loop.criteria`): pure functions of the watched
+position's state before and after a step, the decoder's logits there when they need them, q, and their
+own carried statistics. `advance` freezes halted rows, runs the decoder on the watched positions only
+for criteria that need logits (once per depth: the previous depth's logits are carried), and keeps a
+halted row's statistics. `decide` / `StepFacts` / `init_stats` are the older q-and-change view of the
+three LoopUS rules, kept for callers that drive a rule by hand.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from loopus_jax.errors import LoopusError
+from loopus_jax.loop import criteria as C
 
-STRATEGIES = ("none", "threshold", "cdf", "convergence")
+STRATEGIES = C.names()
+LOOPUS_RULES = ("none", "threshold", "cdf", "convergence")
+
+
+def check_strategy(name: str) -> str:
+    C.get(name)
+    return name
+
+
+class Carry(NamedTuple):
+    """What a criterion carries across depths: its statistics and the previous depth's watched logits."""
+
+    stats: Any
+    logits: jax.Array | None  # [B, V] float32, zeros before the first step; None unless needs_logits
+
+
+def init_carry(name: str, batch: int, vocab: int) -> Carry:
+    c = C.get(name)
+    return Carry(c.init(batch), jnp.zeros((batch, vocab), jnp.float32) if c.needs_logits else None)
+
+
+def evaluate_now(step: jax.Array, n: int, q_eval_interval: int) -> jax.Array:
+    return ((step + 1) % q_eval_interval == 0) | (step == n - 1)
+
+
+def advance(
+    name: str,
+    params: tuple[jax.Array, jax.Array],
+    step: jax.Array,
+    n: int,
+    q: jax.Array,
+    h_old: jax.Array,
+    gated: jax.Array,
+    active: jax.Array,
+    watch: jax.Array,
+    carry: Carry,
+    *,
+    q_eval_interval: int,
+    watched_logits: Callable[[jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, Carry]:
+    """One depth step of a per-sample halting loop: (next state [B,T,D], halt now [B], new carry).
+
+    Rows still active take the gated state, halted rows keep theirs; the criterion then judges the
+    step at each row's watched position. `watched_logits(h [B,T,D]) -> [B,V]` gives the decoder's
+    logits at the watched positions; it runs only for criteria that need them.
+    """
+    c = C.get(name)
+    rows = jnp.arange(h_old.shape[0])
+    h_next = jnp.where(active[:, None, None], gated, h_old)
+    logits = watched_logits(h_next).astype(jnp.float32) if c.needs_logits else None
+    depth = C.Depth(
+        step, n, evaluate_now(step, n, q_eval_interval), h_old[rows, watch], h_next[rows, watch], carry.logits, logits, q
+    )
+    halt, stats = c.rule(depth, C.unpack(c, *params), carry.stats)
+    keep = lambda old, new: jnp.where(active.reshape(-1, *([1] * (new.ndim - 1))), new, old)
+    stats = jax.tree.map(keep, carry.stats, stats)
+    return h_next, active & halt, Carry(stats, logits)
+
+
+# --- the older view of the three LoopUS rules ---------------------------------------------------------
 
 
 class StepFacts(NamedTuple):
@@ -24,12 +85,6 @@ class StepFacts(NamedTuple):
     n: int  # the depth bound N
     q: jax.Array  # [B] sigmoid of the q logit at this step
     delta_norm: jax.Array  # [B] ||h_t - h_{t-1}|| at the watched position
-
-
-def check_strategy(name: str) -> str:
-    if name not in STRATEGIES:
-        raise LoopusError(f"unknown halting strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
-    return name
 
 
 def init_stats(batch: int) -> jax.Array:
@@ -47,49 +102,14 @@ def decide(
     q_eval_interval: int,
     convergence_epsilon: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """(halt now [B] bool, new stats) for the samples still `active`."""
-    evaluate = ((facts.step + 1) % q_eval_interval == 0) | (facts.step == facts.n - 1)
-    if strategy == "threshold":
-        return active & evaluate & (facts.q > q_threshold), stats
-    if strategy == "cdf":
-        upd = active & evaluate
-        stats = jnp.where(upd, stats + jnp.log1p(-jnp.minimum(facts.q, 1.0 - 1e-7)), stats)
-        return upd & (1.0 - jnp.exp(stats) > q_threshold), stats
-    if strategy == "convergence":
-        return active & (facts.delta_norm < convergence_epsilon), stats
-    return jnp.zeros_like(active), stats
-
-
-def advance(
-    strategy: str,
-    step: jax.Array,
-    n: int,
-    q: jax.Array,
-    h_old: jax.Array,
-    gated: jax.Array,
-    active: jax.Array,
-    watch: jax.Array,
-    stats: jax.Array,
-    *,
-    q_threshold: jax.Array,
-    q_eval_interval: int,
-    convergence_epsilon: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One depth step of a per-sample halting loop: (next state [B,T,D], halt now [B], new stats).
-
-    Rows still active take the gated state, halted rows keep theirs; the rule then judges the change
-    at each row's watched position. Forward and decoding share this, so they halt identically.
-    """
-    rows = jnp.arange(h_old.shape[0])
-    h_next = jnp.where(active[:, None, None], gated, h_old)
-    delta = jnp.linalg.norm((h_next[rows, watch] - h_old[rows, watch]).astype(jnp.float32), axis=-1)
-    halt, stats = decide(
-        strategy,
-        StepFacts(step, n, q, delta),
-        active,
-        stats,
-        q_threshold=q_threshold,
-        q_eval_interval=q_eval_interval,
-        convergence_epsilon=convergence_epsilon,
-    )
-    return h_next, halt, stats
+    """(halt now [B] bool, new stats) for the samples still `active`, by one of LoopUS's rules."""
+    if strategy not in LOOPUS_RULES:
+        raise ValueError(f"decide() drives {', '.join(LOOPUS_RULES)}; use advance() for {strategy!r}")
+    c = C.get(strategy)
+    zero = jnp.zeros_like(facts.delta_norm)[:, None]
+    # The watched state as a one-channel vector whose change has the given norm.
+    evaluate = evaluate_now(facts.step, facts.n, q_eval_interval)
+    depth = C.Depth(facts.step, facts.n, evaluate, zero, facts.delta_norm[:, None], None, None, facts.q)
+    thr = convergence_epsilon if c.legacy_option == "convergence_epsilon" else q_threshold
+    halt, new = c.rule(depth, {"threshold": jnp.asarray(thr, jnp.float32)}, stats)
+    return active & halt, jnp.where(active, new, stats)

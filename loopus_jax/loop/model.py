@@ -17,6 +17,7 @@ from flax import nnx
 
 from loopus_jax.config import ModelConfig
 from loopus_jax.errors import LoopusError
+from loopus_jax.loop import criteria
 from loopus_jax.loop import halting as H
 from loopus_jax.loop.gate import QHead, SelectiveGate, gate_apply, q_head_apply
 from loopus_jax.models import layers as L
@@ -112,7 +113,14 @@ class LoopedLM(LMEnds):
         self.q_head = QHead(d, rngs=rngs)
 
     def options(self, **overrides: Any) -> tuple[RunOptions, float, float]:
-        """Static run options and the two traced thresholds, defaults from `self.loop`."""
+        """Static run options and the criterion's two traced parameters, defaults from `self.loop`.
+
+        `halting` names an exit criterion (`loopus_jax.loop.criteria`); `halting_params` (a dict) sets
+        its parameters by name. `q_threshold` (threshold, cdf) and `convergence_epsilon` (convergence)
+        are the LoopUS rules' thresholds under their own names, defaulting to the loop config's; a rule
+        ignores the other one. The two returned numbers are the criterion's parameter values in its
+        declared order (0 for an unused slot): pass them on to `__call__`.
+        """
         lc = self.loop
         pick = lambda k, default: default if overrides.get(k) is None else overrides[k]
         opts = RunOptions(
@@ -123,7 +131,15 @@ class LoopedLM(LMEnds):
             remat=pick("remat", lc.remat),
             scan_layers=bool(pick("scan_layers", self.scan_layers)),
         ).check()
-        return opts, float(pick("q_threshold", lc.q_threshold)), float(pick("convergence_epsilon", lc.convergence_epsilon))
+        crit = criteria.get(opts.halting)
+        legacy = crit.legacy_option
+        given = overrides.get("halting_params")
+        if given is not None and not isinstance(given, dict):
+            raise LoopusError(f"halting_params must be a dict of parameter name -> number, got {type(given).__name__}")
+        values = criteria.resolve_params(
+            crit, given, None if legacy is None else overrides.get(legacy), None if legacy is None else getattr(lc, legacy)
+        )
+        return (opts, *criteria.pack(crit, values))
 
     # Blocks, for training and decoding to reuse.
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array, scan: bool) -> tuple[jax.Array, L.AttnContext]:
@@ -145,15 +161,41 @@ class LoopedLM(LMEnds):
     def decode(self, h: jax.Array, ctx: L.AttnContext, scan: bool) -> jax.Array:
         return self.logits(L.run_layers(self.decoder.arrays(), h, ctx, self.config, scan=scan))
 
+    def watched_logits(self, h: jax.Array, ctx: L.AttnContext, watch: jax.Array, scan: bool) -> jax.Array:
+        """[B, V] float32: `decode(h, ctx)[rows, watch]`, computing only what that position needs.
+
+        A decoder layer's output at one position attends to every earlier position's keys/values at
+        that layer, so all but the last decoder layer run on the whole sequence; the last layer takes
+        keys/values of all positions and runs its query, MLP, the final norm and the LM head only at
+        `watch` (with one decoder layer, as in the usual split, that is the whole saving).
+        """
+        from loopus_jax.decode.cache import _layer as layer_with_attention  # (decode imports this module)
+
+        cfg, nd = self.config, self.decoder.num_layers
+        rows = jnp.arange(h.shape[0])
+        layers = self.decoder.arrays()
+        if nd > 1:
+            h = L.run_layers(jax.tree.map(lambda a: a[:-1], layers), h, ctx, cfg, scan=scan)
+        hw = h[rows, watch][:, None]  # [B, 1, D]
+        if nd > 0:
+            p = jax.tree.map(lambda a: a[-1], layers)
+            _, k, v = L.qkv(p, L.rms_norm(h, p["attn_norm"], cfg.rms_norm_eps), ctx, cfg)  # (q unused: not computed)
+            at = lambda a: a[rows, watch][:, None]
+            one = L.AttnContext(at(ctx.cos), at(ctx.sin), ctx.mask[rows, 0, watch][:, None, None])
+            hw, _ = layer_with_attention(p, hw, one, cfg, lambda q, _k, _v: (L.attend(q, k, v, one.mask), None))
+        return self.logits(hw)[:, 0].astype(jnp.float32)
+
     def __call__(
         self,
         input_ids: jax.Array,
         attention_mask: jax.Array,
         opts: RunOptions,
-        q_threshold: jax.Array,
-        convergence_epsilon: jax.Array,
+        param0: jax.Array,
+        param1: jax.Array,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(logits [B,T,V] float32, exit depth [B] int32, q [B,N] float32, NaN after a sample's exit)."""
+        """(logits [B,T,V] float32, exit depth [B] int32, q [B,N] float32, NaN after a sample's exit).
+
+        `param0`, `param1`: the halting criterion's parameters as `options()` returns them."""
         h, ctx = self.encode(input_ids, attention_mask, opts.scan_layers)
         b, t = input_ids.shape
         n = opts.n_recursion
@@ -178,11 +220,12 @@ class LoopedLM(LMEnds):
             return (i < n) & jnp.any(active)
 
         def body(c):
-            i, h_old, active, exit_depth, q_hist, stats = c
+            i, h_old, active, exit_depth, q_hist, carry = c
             gated, ql = step(h_old)
             q = jax.nn.sigmoid(ql)
-            h_next, halt, stats = H.advance(
+            h_next, halt, carry = H.advance(
                 opts.halting,
+                (param0, param1),
                 i,
                 n,
                 q,
@@ -190,14 +233,13 @@ class LoopedLM(LMEnds):
                 gated,
                 active,
                 watch,
-                stats,
-                q_threshold=q_threshold,
+                carry,
                 q_eval_interval=opts.q_eval_interval,
-                convergence_epsilon=convergence_epsilon,
+                watched_logits=lambda hh: self.watched_logits(hh, ctx, watch, opts.scan_layers),
             )
             q_hist = q_hist.at[:, i].set(jnp.where(active, q, jnp.nan))
             exit_depth = jnp.where(halt, i + 1, exit_depth)
-            return i + 1, h_next, active & ~halt, exit_depth, q_hist, stats
+            return i + 1, h_next, active & ~halt, exit_depth, q_hist, carry
 
         init = (
             jnp.int32(0),
@@ -205,7 +247,7 @@ class LoopedLM(LMEnds):
             jnp.ones((b,), bool),
             jnp.full((b,), n, jnp.int32),
             jnp.full((b, n), jnp.nan, jnp.float32),
-            H.init_stats(b),
+            H.init_carry(opts.halting, b, self.config.vocab_size),
         )
         _, h, _, exit_depth, q, _ = jax.lax.while_loop(cond, body, init)
         return self.decode(h, ctx, opts.scan_layers), exit_depth, q
