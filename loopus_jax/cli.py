@@ -189,9 +189,16 @@ def cmd_analyze(a: argparse.Namespace) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    from loopus_jax.demo import run_demo
+    import dataclasses
 
-    run_demo(Path(a.out), data=Path(a.data) if a.data else None)
+    from loopus_jax.demo import DemoSettings, run_demo
+
+    s = DemoSettings()
+    if a.steps is not None:
+        if a.steps < 1:
+            raise LoopusError(f"--steps must be >= 1, got {a.steps}")
+        s = dataclasses.replace(s, train_steps=a.steps)
+    run_demo(Path(a.out), data=Path(a.data) if a.data else None, model_path=_resolve(a.model) if a.model else None, settings=s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,10 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo",
         help="run the demo on the embedded SmolLM2 model",
-        description="Load the embedded SmolLM2-135M GGUF, describe it, score held-out text, write a report.",
+        description="On the embedded SmolLM2-135M GGUF, offline: base perplexity; representation dynamics and the "
+        "proposed split; loop it and post-train briefly with random deep supervision (orbax checkpoints: rerun "
+        "to resume); perplexity against depth with and without early exit; generation with per-token exit "
+        "depths; export to lds and HF safetensors with a reload check; OUT/report.md with the figures.",
     )
-    d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
-    d.add_argument("--data", help="your own UTF-8 text file instead of the bundled text")
+    d.add_argument("--out", default="demo_out", help="output directory (default demo_out); rerunning resumes its training")
+    d.add_argument("--data", help="your own UTF-8 text file instead of the bundled text (first half trains, second held out)")
+    d.add_argument("--model", help="another base checkpoint (HF directory or .gguf) instead of the embedded model")
+    d.add_argument("--steps", type=int, help="post-training steps (default 32)")
     d.set_defaults(fn=cmd_demo)
     from loopus_jax.decode.cli import register as register_generate
 

@@ -19,6 +19,8 @@ that produced token t (0 for base models)."""
 
 def register(sub: Any) -> None:
     """Add the `generate` subcommand to the `loopus` parser's subparsers."""
+    from loopus_jax.loop.criteria import add_cli_flags
+
     g = sub.add_parser(
         "generate",
         help="generate text with a base or looped model",
@@ -31,8 +33,7 @@ def register(sub: Any) -> None:
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template as a user turn")
     g.add_argument("--max-new-tokens", type=int, required=True, help="tokens to generate per prompt (at most)")
     g.add_argument("--n-recursion", type=int, help="loop depth N (looped models; default: the checkpoint's)")
-    g.add_argument("--halting", help="early-exit rule of looped models: none, threshold, cdf or convergence")
-    g.add_argument("--q-threshold", type=float, help="q threshold of the halting rule (looped models)")
+    add_cli_flags(g)
     g.add_argument("--cache-fill", default="latest", help="what deeper depths see of an early exit: latest (default) or skip")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
@@ -59,33 +60,11 @@ def _prompts(a: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def encode(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
-    """Token ids of each prompt; with `chat`, the prompt as a user turn of the chat template plus the generation prompt."""
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise LoopusError("this tokenizer has no chat template; drop --chat")
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-            for t in texts
-        ]
-        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    return [tokenizer(t)["input_ids"] for t in texts]
-
-
-def _stop_tokens(model: Any, tokenizer: Any) -> list[int]:
-    eos = model.config.eos_token_id
-    stops = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-    if tokenizer.eos_token_id is not None:
-        stops.add(int(tokenizer.eos_token_id))
-    return sorted(stops)
-
-
 def cmd_generate(a: argparse.Namespace) -> None:
-    import numpy as np
-
     import loopus_jax as lj
     from loopus_jax.cli import _resolve
-    from loopus_jax.progress import progress
+    from loopus_jax.decode.texts import generate_texts
+    from loopus_jax.loop.criteria import params_from_flags
     from loopus_jax.tokenizer import require_tokenizer
 
     prompts = _prompts(a)
@@ -94,54 +73,30 @@ def cmd_generate(a: argparse.Namespace) -> None:
     path = _resolve(a.model)
     model, tok = lj.load(path)
     tok = require_tokenizer(tok, path)
-    encoded = encode(tok, prompts, a.chat)
-    if any(len(e) == 0 for e in encoded):
-        raise LoopusError("a prompt encodes to no tokens; give some text")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (model.config.pad_token_id or 0)
     looped = getattr(model, "loop", None) is not None
-    opts = dict(n_recursion=a.n_recursion, halting=a.halting, q_threshold=a.q_threshold) if looped else {}
-    if not looped and any(v is not None for v in (a.n_recursion, a.halting, a.q_threshold)):
-        raise LoopusError("--n-recursion, --halting and --q-threshold apply to looped models; this checkpoint is a base model")
-    results, seconds, produced = [], 0.0, 0
-    starts = range(0, len(encoded), a.batch_size)
-    for s in progress(starts, "generate", total=len(starts), unit="batch"):
-        rows = encoded[s : s + a.batch_size]
-        width = max(map(len, rows))
-        ids = np.full((len(rows), width), pad, np.int32)
-        mask = np.zeros((len(rows), width), np.int32)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
-        out = lj.generate(
-            model,
-            ids,
-            mask,
-            max_new_tokens=a.max_new_tokens,
-            temperature=a.temperature,
-            top_k=a.top_k,
-            top_p=a.top_p,
-            seed=a.seed,
-            stop_tokens=_stop_tokens(model, tok),
-            cache=not a.no_cache,
-            cache_fill=a.cache_fill,
-            pad_token_id=pad,
-            **opts,
+    params = params_from_flags(a.halting_threshold, a.halting_param)
+    opts = dict(n_recursion=a.n_recursion, halting=a.halting, q_threshold=a.q_threshold, halting_params=params) if looped else {}
+    if not looped and any(v is not None for v in (a.n_recursion, a.halting, a.q_threshold, params)):
+        raise LoopusError(
+            "--n-recursion, --halting, --q-threshold and --halting-* apply to looped models; this checkpoint is a base model"
         )
-        seconds += out.timings["prefill_s"] + out.timings["decode_s"]
-        produced += out.timings["new_tokens"]
-        for i, prompt in enumerate(prompts[s : s + a.batch_size]):
-            n = int(out.lengths[i])
-            toks = out.tokens[i, :n].tolist()
-            text = tok.decode(toks, skip_special_tokens=True)
-            results.append({"prompt": prompt, "text": text, "tokens": toks, "exit_depths": out.exit_depth[i, :n].tolist()})
-    depths = [d for r in results for d in r["exit_depths"]]
+    results, summary = generate_texts(
+        model,
+        tok,
+        prompts,
+        chat=a.chat,
+        batch_size=a.batch_size,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        seed=a.seed,
+        cache=not a.no_cache,
+        cache_fill=a.cache_fill,
+        **opts,
+    )
     if a.json:
-        summary = {
-            "results": results,
-            "new_tokens": produced,
-            "tokens_per_s": produced / max(seconds, 1e-9),
-            "mean_exit_depth": float(np.mean(depths)) if depths else 0.0,
-        }
-        print(json.dumps(summary))
+        print(json.dumps({"results": results, **{k: v for k, v in summary.items() if k != "seconds"}}))
         return
     for i, r in enumerate(results):
         if len(results) > 1:

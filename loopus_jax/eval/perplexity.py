@@ -3,6 +3,8 @@
 Tokenize the whole text without special tokens, prepend the tokenizer's BOS if it has one, cut into
 consecutive windows of `max_length` tokens (the last may be shorter), score each window on its own
 (its first token is not predicted), and report ppl = exp(total NLL / number of predicted tokens).
+Looped models take `forward`'s options; with halting each window exits as a whole (decided at its last
+token), and `mean_exit_depth` is the mean over windows.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from loopus_jax.errors import LoopusError
-from loopus_jax.eval.scoring import next_token_logprobs
+from loopus_jax.eval.scoring import score_tokens
 from loopus_jax.progress import progress
 
 
@@ -24,6 +26,7 @@ class Perplexity:
     tokens: int  # predicted tokens
     nll: float  # total negative log-likelihood (nats)
     ppl: float
+    mean_exit_depth: float | None = None  # looped models: mean over windows of the depth each exited at
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -36,8 +39,11 @@ def tokenize_for_ppl(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
-def perplexity_of_ids(model: nnx.Module, ids: list[int], *, max_length: int = 1024, batch_size: int = 8) -> Perplexity:
-    """Windows are right-padded to `max_length` so every batch has one compiled shape."""
+def perplexity_of_ids(
+    model: nnx.Module, ids: list[int], *, max_length: int = 1024, batch_size: int = 8, **options: Any
+) -> Perplexity:
+    """Windows are right-padded to `max_length` so every batch has one compiled shape; `options` are a
+    looped model's `forward` options (n_recursion, halting, q_threshold, ...)."""
     if max_length < 2:
         raise LoopusError(f"max_length must be at least 2, got {max_length}")
     if batch_size < 1:
@@ -47,7 +53,7 @@ def perplexity_of_ids(model: nnx.Module, ids: list[int], *, max_length: int = 10
     if not windows:
         raise LoopusError("the text has fewer than 2 tokens; nothing to score")
     width = min(max_length, max(len(w) for w in windows))
-    total, count = 0.0, 0
+    total, count, depths = 0.0, 0, []
     for start in progress(
         range(0, len(windows), batch_size), desc="perplexity", total=-(-len(windows) // batch_size), unit="batch"
     ):
@@ -59,12 +65,17 @@ def perplexity_of_ids(model: nnx.Module, ids: list[int], *, max_length: int = 10
         for r, w in enumerate(chunk):
             arr[r, : len(w)] = w
             mask[r, : len(w)] = 1
-        lp, _ = next_token_logprobs(model, arr, mask)
+        s = score_tokens(model, arr, mask, **options)
         valid = mask[:rows, 1:].astype(bool)
-        total -= float(lp[:rows][valid].astype(np.float64).sum())
+        total -= float(s.logprobs[:rows][valid].astype(np.float64).sum())
         count += int(valid.sum())
-    return Perplexity(tokens=count, nll=total, ppl=math.exp(total / count))
+        if s.exit_depth is not None:
+            depths.extend(s.exit_depth[:rows].tolist())
+    mean_depth = float(np.mean(depths)) if depths else None
+    return Perplexity(tokens=count, nll=total, ppl=math.exp(total / count), mean_exit_depth=mean_depth)
 
 
-def perplexity(model: nnx.Module, tokenizer: Any, text: str, *, max_length: int = 1024, batch_size: int = 8) -> Perplexity:
-    return perplexity_of_ids(model, tokenize_for_ppl(tokenizer, text), max_length=max_length, batch_size=batch_size)
+def perplexity(
+    model: nnx.Module, tokenizer: Any, text: str, *, max_length: int = 1024, batch_size: int = 8, **options: Any
+) -> Perplexity:
+    return perplexity_of_ids(model, tokenize_for_ppl(tokenizer, text), max_length=max_length, batch_size=batch_size, **options)

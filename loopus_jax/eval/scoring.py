@@ -85,15 +85,6 @@ def score_tokens(
     )
 
 
-def next_token_logprobs(model: nnx.Module, input_ids: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """[B, T-1] float32 log-probs of each next token, and [B, T-1] bool greedy flags (host arrays).
-
-    Entries whose target or context position is padding are meaningless; callers mask them.
-    """
-    s = score_tokens(model, input_ids, attention_mask)
-    return s.logprobs, s.greedy
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
 def _greedy(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, at: jax.Array, opts: Any, q_thr, eps):
     logits, _ = _logits(graphdef, state, ids, mask, opts, q_thr, eps)

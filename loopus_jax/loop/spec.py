@@ -23,13 +23,18 @@ class LayerSplit:
     def num_layers(self) -> int:
         return len(self.encoder) + len(self.reasoning) + len(self.decoder)
 
-    def flags(self) -> str:
-        """The `--encoder/--decoder` flags that reproduce this split."""
+    def specs(self) -> tuple[str, str]:
+        """The (encoder, decoder) layer specs that reproduce this split."""
 
         def spec(ix: tuple[int, ...]) -> str:
-            return "none" if not ix else (f"{ix[0]}-{ix[-1]}" if len(ix) > 1 else f"{ix[0]}-{ix[0]}")
+            return "none" if not ix else f"{ix[0]}-{ix[-1]}"
 
-        return f"--encoder {spec(self.encoder)} --decoder {spec(self.decoder)}"
+        return spec(self.encoder), spec(self.decoder)
+
+    def flags(self) -> str:
+        """The `--encoder/--decoder` flags that reproduce this split."""
+        enc, dec = self.specs()
+        return f"--encoder {enc} --decoder {dec}"
 
 
 def parse_layer_spec(raw: str, num_layers: int) -> tuple[int, ...]:
