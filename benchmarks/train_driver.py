@@ -95,7 +95,7 @@ def main() -> None:
     def bare_step() -> None:
         b = batches[holder["i"] % len(batches)]
         holder["i"] += 1
-        holder["state"], losses, _ = train_step(graphdef, frozen, holder["state"], place_batch(b, mesh), opt, scfg, True)
+        holder["state"], losses, _, _ = train_step(graphdef, frozen, holder["state"], place_batch(b, mesh), opt, scfg, True)
         jax.device_get(losses.total)  # the driver fetches every step's losses too
 
     def driver(update_norm: bool, rep: int) -> float:

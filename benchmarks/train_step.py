@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from _common import (
@@ -31,6 +32,7 @@ from _common import (
     smollm2_config,
     write_section,
 )
+from forward import CpuMeter
 
 MODELS = {
     "smollm2": (smollm2_config, "1", "29-", "SmolLM2-shaped, encoder 0..1, decoder 29"),
@@ -47,6 +49,63 @@ def step_flops(cfg, n_enc: int, n_reason: int, n_dec: int, n: int, s: int, batch
     head = 2 * d * cfg.vocab_size
     supervised = 3 * (2 * n_reason * layer + n_dec * layer + head) + n_dec * layer + head
     return float(batch * seq * (n_enc * layer + (n - s) * n_reason * layer + s * supervised))
+
+
+def write_report(a: argparse.Namespace, rows: list[dict], shape_name: str, pinning: str, load_start: float) -> None:
+    """JSON and the BENCHMARKS.md section for the depths measured so far (rewritten after each depth,
+    so a run cut short on a busy machine still leaves its finished rows)."""
+    by_n = {r["n"]: r for r in rows}
+    lo, hi = min(by_n), max(by_n)
+    mem_ratio = by_n[hi]["memory_gib"] / by_n[lo]["memory_gib"]
+    compile_ratio = by_n[hi]["compile_s"] / by_n[lo]["compile_s"]
+    todo = [int(x) for x in a.depths.split(",") if int(x) not in by_n]
+    partial = f" Partial: N = {', '.join(map(str, todo))} not measured yet." if todo else ""
+    print(f"memory(N={hi}) / memory(N={lo}) = {mem_ratio:.3f}; compile(N={hi}) / compile(N={lo}) = {compile_ratio:.3f}")
+
+    info = machine_info(pinning)
+    load = (load_start, os.getloadavg()[0])
+    result = {
+        "machine": info,
+        "config": vars(a),
+        "depths": rows,
+        "memory_ratio": mem_ratio,
+        "compile_ratio": compile_ratio,
+        "load_avg_1min": {"start": load[0], "end": load[1]},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = a.out or str(RESULTS / f"train_step_{a.model}_{a.dtype}.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    date, label = info["date"][:10], machine_label(info)
+    write_section(
+        f"## train step ({shape_name}, S = {a.supervised}, batch {a.batch} x {a.seq}, {a.dtype} compute)",
+        f"`python benchmarks/train_step.py --model {a.model} --dtype {a.dtype}`: one random-deep-supervision step with "
+        f"AdamW updates (grad_accum 1), median of {a.runs} steps after {a.warmup} warm-up; compile = lower + XLA compile; "
+        f"memory = XLA's compiled arguments + outputs (donated buffers once) + temporaries. "
+        f"memory(N={hi}) / memory(N={lo}) = {mem_ratio:.3f}, "
+        f"compile(N={hi}) / compile(N={lo}) = {compile_ratio:.3f}. "
+        f"Shared machine: other agents ran on the same {os.cpu_count()} cores (1-minute load average "
+        f"{load[0]:.1f} at the start, {load[1]:.1f} at the end); 'CPU by others' = share of our cores other "
+        f"processes used while the steps were timed, so step times are upper bounds.{partial}",
+        ["date", "machine", "N", "compile s", "memory GiB", "step s", "tok/s", "model TFLOP/s", "MFU", "CPU by others"],
+        [
+            [
+                date,
+                label,
+                str(r["n"]),
+                f"{r['compile_s']:.1f}",
+                f"{r['memory_gib']:.2f}",
+                f"{r['median_s']:.2f}",
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['model_tflops_per_s']:.3f}",
+                f"{r['mfu']:.1%}" if "mfu" in r else "-",
+                f"{r['cpu_taken_by_others']:.0%}",
+            ]
+            for r in rows
+        ],
+        key_columns=3,
+    )
+    print(f"wrote {out} and BENCHMARKS.md")
 
 
 def main() -> None:
@@ -83,6 +142,7 @@ def main() -> None:
     opt = adamw(5e-5, 10, 1000)
 
     rows = []
+    load_start = os.getloadavg()[0]
     for n in [int(x) for x in a.depths.split(",")]:
         base = Transformer(cfg, rngs=nnx.Rngs(0))
         model = loop_model(base, enc, dec, n_recursion=n)
@@ -103,10 +163,11 @@ def main() -> None:
         box = [state]
 
         def run():
-            box[0], losses, _ = exe(frozen, box[0], batch)
+            box[0], losses, _, _ = exe(frozen, box[0], batch)
             return jax.block_until_ready(losses)
 
-        med, times = median_time(run, a.runs, a.warmup)
+        with CpuMeter() as meter:  # other processes on our cores while timing (a shared machine)
+            med, times = median_time(run, a.runs, a.warmup)
         row = {
             "n": n,
             "compile_s": compile_s,
@@ -117,6 +178,8 @@ def main() -> None:
             "model_flops": flops,
             "model_tflops_per_s": flops / med / 1e12,
             "times": times,
+            "cpu_taken_by_others": meter.foreign,
+            "load_avg_1min_after": os.getloadavg()[0],
         }
         if a.peak_tflops:
             row["mfu"] = flops / med / (a.peak_tflops * 1e12)
@@ -124,48 +187,11 @@ def main() -> None:
         mfu = f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""
         print(
             f"N={n:>3}  compile {compile_s:6.2f} s  memory {row['memory_gib']:6.3f} GiB (temp {row['temp_gib']:.3f})  "
-            f"step {med:7.3f} s  {tokens / med:8.1f} tok/s  {flops / med / 1e12:.3f} TFLOP/s{mfu}",
+            f"step {med:7.3f} s  {tokens / med:8.1f} tok/s  {flops / med / 1e12:.3f} TFLOP/s{mfu}  "
+            f"CPU by others {meter.foreign:.0%}",
             flush=True,
         )
-
-    by_n = {r["n"]: r for r in rows}
-    lo, hi = min(by_n), max(by_n)
-    mem_ratio = by_n[hi]["memory_gib"] / by_n[lo]["memory_gib"]
-    compile_ratio = by_n[hi]["compile_s"] / by_n[lo]["compile_s"]
-    print(f"memory(N={hi}) / memory(N={lo}) = {mem_ratio:.3f}; compile(N={hi}) / compile(N={lo}) = {compile_ratio:.3f}")
-
-    info = machine_info(pinning)
-    result = {"machine": info, "config": vars(a), "depths": rows, "memory_ratio": mem_ratio, "compile_ratio": compile_ratio}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = a.out or str(RESULTS / f"train_step_{a.model}_{a.dtype}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    date, label = info["date"][:10], machine_label(info)
-    write_section(
-        f"## train step ({shape_name}, S = {a.supervised}, batch {a.batch} x {a.seq}, {a.dtype} compute)",
-        f"`python benchmarks/train_step.py --model {a.model} --dtype {a.dtype}`: one random-deep-supervision step with "
-        f"AdamW updates (grad_accum 1), median of {a.runs} steps after {a.warmup} warm-up; compile = lower + XLA compile; "
-        f"memory = XLA's compiled arguments + outputs (donated buffers once) + temporaries. "
-        f"memory(N={hi}) / memory(N={lo}) = {mem_ratio:.3f}, "
-        f"compile(N={hi}) / compile(N={lo}) = {compile_ratio:.3f}.",
-        ["date", "machine", "N", "compile s", "memory GiB", "step s", "tok/s", "model TFLOP/s", "MFU"],
-        [
-            [
-                date,
-                label,
-                str(r["n"]),
-                f"{r['compile_s']:.1f}",
-                f"{r['memory_gib']:.2f}",
-                f"{r['median_s']:.2f}",
-                f"{r['tokens_per_s']:.0f}",
-                f"{r['model_tflops_per_s']:.3f}",
-                f"{r['mfu']:.1%}" if "mfu" in r else "-",
-            ]
-            for r in rows
-        ],
-        key_columns=3,
-    )
-    print(f"wrote {out} and BENCHMARKS.md")
+        write_report(a, rows, shape_name, pinning, load_start)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The train step on a device mesh equals the step on one device: 8 fake CPU devices in one process
-(mesh data=2,fsdp=2,tensor=2), and two processes x 4 devices joined by `jax.distributed`.
+(mesh data=2,fsdp=2,tensor=2), and two processes x 4 devices joined by `jax.distributed`; and the
+whole driver (`loopus_jax.train.run`: per-process data shards, placement, checkpoints) in two
+processes x 1 device logs what one process logs for the same global batch.
 
 Each runs in a subprocess (the device count is fixed when JAX starts). The reference is the plain
 jitted `train_step` on one device, from the same initial weights, batch and RNG seed.
@@ -67,7 +69,7 @@ COMMON = textwrap.dedent(
         totals = []
         for s in range(STEPS):
             b = {k: jnp.asarray(v) for k, v in batch(s).items()}
-            st, losses, sup = train_step(graphdef, frozen, st, b, OPTS[opt], SCFG)
+            st, losses, sup, _ = train_step(graphdef, frozen, st, b, OPTS[opt], SCFG)
             totals.append(np.asarray(losses.total).tolist())
         return totals, {k: np.asarray(v) for k, v in flat(st.params).items()}
 
@@ -81,7 +83,7 @@ COMMON = textwrap.dedent(
             b = batch(s)
             if local_rows is not None:  # each process loads only its rows
                 b = {k: v[local_rows] for k, v in b.items()}
-            st, losses, sup = step(frozen, st, b)
+            st, losses, sup, _ = step(frozen, st, b)
             totals.append(np.asarray(losses.total).tolist())
         return totals, st, frozen
     """
@@ -210,3 +212,91 @@ def test_two_processes_equal_one(tmp_path, eight):
     assert sorted(got.files) == sorted(want.files)
     for k in want.files:
         np.testing.assert_allclose(got[k], want[k], atol=TOL, rtol=0, err_msg=k)
+
+
+DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    from loopus_jax.train import run
+    config, port, pid, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    res = run(json.loads(open(config).read()), coordinator=f"localhost:{port}", num_processes=2, process_id=pid)
+    json.dump({"last": res.last, "checkpoints": res.checkpoints}, open(out, "w"))
+    """
+)
+# Deterministic fields of a train line; the floats among them are compared with DRIVER_TOL.
+LINE_KEYS = ("step", "supervised", "updates", "tokens", "loss", "lm", "mono", "q", "token_acc", "q_hat", "lr", "grad_norm")
+
+
+def _driver_tree(root: Path, model_dir: Path, docs: Path, name: str) -> dict:
+    return {
+        "model": {"path": str(model_dir), "encoder": "0", "decoder": "2-"},
+        "loop": {"n_recursion": 3, "n_supervision": 2},
+        "optim": {"lr": 1e-3},
+        "train": {"steps": 2, "batch_size": 2},
+        "data": {"source": str(docs), "mode": "pad", "max_length": 12},  # pad: row i of the global batch is document i
+        "eval": {"docs": 0},
+        "checkpoint": {"dir": str(root / name / "ckpt"), "every": 2, "keep": 1},
+        "output": {"dir": str(root / name / "out"), "export": [], "plot": False},
+    }
+
+
+def _close(a: dict, b: dict) -> None:
+    """Same line up to float32 reordering: the 2-process step sums the two rows' gradients across
+    processes; 1e-5 absolute on O(1) losses as above, 1e-5 relative on the gradient norm."""
+    for k in LINE_KEYS:
+        if isinstance(b[k], float):
+            assert a[k] == pytest.approx(b[k], abs=TOL, rel=TOL), k
+        else:
+            assert a[k] == b[k], k
+
+
+def test_driver_in_two_processes_logs_what_one_process_logs(tmp_path):
+    from conftest import make_tiny_hf
+    from test_train_data import word_tokenizer, words
+
+    from loopus_jax.train import run
+    from loopus_jax.train.metrics import read_jsonl
+
+    model_dir, _ = make_tiny_hf("llama", tmp_path / "model", num_hidden_layers=3)
+    word_tokenizer().save_pretrained(model_dir)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n\n".join(words(range(3 * k, 3 * k + 4 + k % 5)) for k in range(12)) + "\n")
+    two = _driver_tree(tmp_path, model_dir, docs, "two")
+    (tmp_path / "two.json").write_text(json.dumps(two))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    port = _free_port()
+    script, config = str(tmp_path / "driver.py"), str(tmp_path / "two.json")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, config, str(port), str(pid), str(tmp_path / f"p{pid}")],
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
+    one = run(_driver_tree(tmp_path, model_dir, docs, "one"))  # meanwhile, the reference in this process
+    outs = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append(subprocess.CompletedProcess(p.args, p.returncode, o, e))
+    for proc in outs:
+        _check(proc)
+    want = [r for r in read_jsonl(one.metrics_path) if r["kind"] == "train"]
+    got = [r for r in read_jsonl(tmp_path / "two" / "out" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
+    assert want[0]["tokens"] != 2 * 12  # padded rows: the token count checks which documents each process read
+    for a, b in zip(got, want, strict=True):
+        _close(a, b)
+    for pid in (0, 1):  # each process computed the same global step (the lead alone writes the JSONL)
+        res = json.loads((tmp_path / f"p{pid}").read_text())
+        _close(res["last"], want[-1])
+        assert res["checkpoints"] == [2]
+    saved = sorted(p.name for p in (tmp_path / "two" / "ckpt" / "2" / "data").glob("process_*"))
+    assert saved == ["process_0-of-2.json", "process_1-of-2.json"]  # each process's data position

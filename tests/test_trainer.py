@@ -85,6 +85,9 @@ GOOD = {"data": {"source": "notes.txt"}, "model": {"encoder": "0-1", "decoder": 
         (GOOD, ["data.mode=packed"], ["'data.mode' must be one of pad, pack, chat", "did you mean 'pack'"]),
         (GOOD, ["mesh=data=2,gpu=4"], ["cannot parse mesh spec"]),
         (GOOD, ["data.source=ftp://x"], ["neither a local data file nor a hub dataset"]),
+        (GOOD, ["optim.micro_batches=4"], ["optim.micro_batches (4) needs optim.update: per_batch", "optim.grad_accum"]),
+        (GOOD, ["optim.update=per_batch", "optim.micro_batches=3", "train.steps=10"], ["multiple of optim.micro_batches (3)"]),
+        (GOOD, ["optim.micro_batches=0"], ["'optim.micro_batches' must be >= 1"]),
     ],
 )
 def test_bad_config_is_a_clear_error(tree, overrides, needles):
@@ -280,7 +283,7 @@ def test_metrics_lines_equal_a_replay_of_the_train_step(tiny, reference):
         for line in train:
             batch = next(batches)
             before = jax.tree.map(np.asarray, state.params)
-            state, losses, sup = train_step(graphdef, frozen, state, place_batch(batch, mesh), opt, StepConfig(3, 2), True)
+            state, losses, sup, gn = train_step(graphdef, frozen, state, place_batch(batch, mesh), opt, StepConfig(3, 2), True)
             sup = np.asarray(sup)
             idx = np.flatnonzero(sup)
             assert line["supervised"] == idx.tolist()
@@ -293,6 +296,8 @@ def test_metrics_lines_equal_a_replay_of_the_train_step(tiny, reference):
             # lr of the batch's last update, from the schedule's formula (float32 schedule arithmetic: rtol 1e-6)
             assert line["lr"] == pytest.approx(_lr(int(state.updates) - 1, 1e-2, 2, total), rel=1e-6, abs=1e-12)
             assert line["tokens"] == int(batch["attention_mask"].sum()) == 2 * 16
+            # The step's gradient norm (checked against jax.grad in test_train_step); same float32 value.
+            assert line["grad_norm"] == pytest.approx(float(gn), rel=1e-6)
             # The parameter change over the batch, summed in float64 here and float32 in the trainer: rtol 1e-5.
             change = math.sqrt(
                 sum(
@@ -324,3 +329,48 @@ def test_metrics_lines_equal_a_replay_of_the_train_step(tiny, reference):
         assert validate(final, held, [1], 3)["ppl"]["1"] == pytest.approx(last_eval["ppl"]["1"], rel=1e-6)  # batch size free
     finally:
         use_compile_cache(None)
+
+
+def test_micro_batches_update_every_k_batches_and_resume_exactly(tiny):
+    """optim.micro_batches = 2 (optax.MultiSteps): the parameters change on every second batch, the
+    schedule spans steps / 2 real updates, the micro-batches of one update share their supervised
+    steps, and a run resumed between the two micro-batches of an update (the accumulated gradient is
+    in the checkpointed MultiSteps state) logs exactly what the uninterrupted run logged."""
+    import shutil
+
+    from loopus_jax.train import run
+    from loopus_jax.train.trainer import use_compile_cache
+
+    root, model_dir, docs, cache = tiny
+    tree = {
+        "model": {"path": str(model_dir), "encoder": "0", "decoder": "2-"},
+        "loop": {"n_recursion": 3, "n_supervision": 1},
+        "optim": {"lr": 1e-2, "warmup": 0, "update": "per_batch", "micro_batches": 2},
+        "train": {"steps": 4, "batch_size": 2},
+        "data": {"source": str(docs), "mode": "pack", "max_length": 16},
+        "eval": {"docs": 0},
+        "checkpoint": {"dir": str(root / "micro" / "ckpt"), "every": 1, "keep": 10},
+        "output": {"dir": str(root / "micro" / "out"), "export": [], "plot": False},
+        "compile_cache": str(cache),
+    }
+    try:
+        full = run(tree)
+        rows = [r for r in read_jsonl(full.metrics_path) if r["kind"] == "train"]
+        assert [r["updates"] for r in rows] == [0, 1, 1, 2]
+        assert [r["update_norm"] == 0.0 for r in rows] == [True, False, True, False]  # exactly unchanged
+        assert rows[0]["supervised"] == rows[1]["supervised"] and rows[2]["supervised"] == rows[3]["supervised"]
+        # lr of the latest real update: cosine over steps / micro_batches = 2 updates (no warmup).
+        assert [r["lr"] for r in rows[1::2]] == pytest.approx([_lr(0, 1e-2, 0, 2), _lr(1, 1e-2, 0, 2)], rel=1e-6)
+        assert all(r["grad_norm"] > 0 for r in rows)
+
+        # Resume from step 3: the first micro-batch of the second update is accumulated, not applied.
+        shutil.copytree(root / "micro" / "ckpt", root / "micro2" / "ckpt")
+        shutil.rmtree(root / "micro2" / "ckpt" / "4")
+        tree["checkpoint"]["dir"] = str(root / "micro2" / "ckpt")
+        tree["output"]["dir"] = str(root / "micro2" / "out")
+        resumed = run(tree, resume=True)
+    finally:
+        use_compile_cache(None)
+    assert resumed.resumed_from == 3
+    again = [r for r in read_jsonl(resumed.metrics_path) if r["kind"] == "train"]
+    assert strip_timing(again) == strip_timing(rows[3:])  # bit for bit, parameter norm included

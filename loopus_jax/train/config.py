@@ -51,6 +51,7 @@ class OptimSection:
     weight_decay: float = 0.01
     grad_accum: int = 1
     update: str = "per_grad_accum_supervised_losses"
+    micro_batches: int = 1  # update per_batch only: batches per optimizer update, their mean gradient (optax.MultiSteps)
 
 
 @dataclasses.dataclass
@@ -281,7 +282,18 @@ def check(cfg: TrainConfig) -> TrainConfig:
     _positive("optim.grad_accum", op.grad_accum)
     if op.update not in UPDATE_RULES:
         raise LoopusError(f"config key 'optim.update' must be one of {', '.join(UPDATE_RULES)}, got {op.update!r}")
+    _positive("optim.micro_batches", op.micro_batches)
+    if op.micro_batches > 1 and op.update != "per_batch":
+        raise LoopusError(
+            f"optim.micro_batches ({op.micro_batches}) needs optim.update: per_batch; with {op.update} "
+            "accumulate supervised losses with optim.grad_accum instead"
+        )
     _positive("train.steps", tr.steps)
+    if tr.steps % op.micro_batches:
+        raise LoopusError(
+            f"train.steps ({tr.steps}) must be a multiple of optim.micro_batches ({op.micro_batches}), "
+            "or the last micro-batches would never be applied"
+        )
     _positive("train.batch_size", tr.batch_size)
     _choice("data.mode", dc.mode, DATA_MODES)
     _choice("data.format", dc.format, DATA_FORMATS)

@@ -4,10 +4,12 @@ Train line (`"kind": "train"`): `step` (batches done), the mean over the batch's
 `loss` (= lm + beta * mono + q), `lm`, `mono`, `q`, `token_acc` and `q_hat` (mean sigmoid of the q
 logit); `supervised` (the depth indices that were supervised) and `by_depth` (the same losses per
 supervised index, aligned with `supervised`); `updates` (optimizer updates so far), `lr` (the
-learning rate of the latest update), `update_norm` (L2 norm of the change of the trained parameters
-over the batch, all its updates together; null when disabled), `param_norm`, `tokens` (non-padding
-tokens in the global batch), `seconds` and `tokens_per_s`. The train step does not return gradient
-norms, so the update norm stands in for them.
+learning rate of the latest update), `grad_norm` (global L2 norm of the gradient an optimizer update
+applied, the mean over the batch's updates; null when the batch made none, e.g. grad_accum spanning
+batches; with `update: per_batch` the batch's mean supervised gradient, with micro-batches too),
+`update_norm` (L2 norm of the change of the trained parameters over the batch, all its updates
+together; null when disabled), `param_norm`, `tokens` (non-padding tokens in the global batch),
+`seconds` and `tokens_per_s`.
 
 Eval line (`"kind": "eval"`): `step`, `tokens` (predicted tokens), `nll` and `ppl` per recursion
 depth (keys are the depths as strings).
@@ -88,7 +90,8 @@ def _ema(x: np.ndarray, span: int) -> np.ndarray:
 
 
 def plot(path: str | Path, out: str | Path) -> Path:
-    """Four panels: losses, accuracy and mean q, learning rate, validation perplexity per depth."""
+    """Four panels: losses, accuracy and mean q, learning rate and gradient norm, validation
+    perplexity per depth."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,8 +115,13 @@ def plot(path: str | Path, out: str | Path) -> Path:
         if len(y):
             ax[0, 1].plot(steps, _ema(y, span), label=key)
     ax[0, 1].set(title="next-token accuracy and mean q", xlabel="step", ylim=(0, 1))
-    ax[1, 0].plot(steps, [r.get("lr", math.nan) for r in train])
-    ax[1, 0].set(title="learning rate", xlabel="step")
+    ax[1, 0].plot(steps, [r.get("lr", math.nan) for r in train], label="lr")
+    ax[1, 0].set(title="learning rate and gradient norm", xlabel="step", ylabel="lr")
+    gn = np.array([math.nan if r.get("grad_norm") is None else r["grad_norm"] for r in train], float)
+    if np.isfinite(gn).any():
+        twin = ax[1, 0].twinx()
+        twin.plot(steps, gn, ".-", color="tab:red", alpha=0.6, lw=0.8, ms=3, label="grad norm")
+        twin.set_ylabel("gradient L2 norm", color="tab:red")
     if evals:
         depths = sorted({int(d) for r in evals for d in r["ppl"]})
         for d in depths:

@@ -6,8 +6,14 @@ no optimizer state): the embedding and the encoder. Update rules:
   differentiated on its own, scaled by 1/grad_accum, accumulated, and an AdamW update is applied
   after every `grad_accum` supervised losses, counted across supervised steps and batches; with
   grad_accum = 1 the later supervised steps of a batch see the weights updated by the earlier ones.
-- `per_batch`: the batch's supervised losses are averaged into one gradient and one update per batch
-  (wrap the optimizer in `optax.MultiSteps` to accumulate micro-batches, as large meshes want).
+- `per_batch`: the batch's supervised losses are averaged into one gradient and one update per batch.
+  With the optimizer wrapped by `micro_batched(opt, k)` (`optax.MultiSteps`), the parameters change
+  once every k batches, by the mean of their gradients; the k micro-batches of one update share their
+  supervised steps (the RNG key advances only at a real update), so they equal one batch of k times
+  the rows when every micro-batch holds as many scored tokens and beta = 0 (mono is SiLU of the
+  batch-mean loss difference, not a mean over rows, so with beta > 0 they agree to first order).
+The step also returns the global L2 norm of the gradient each update applied (mean over the batch's
+updates; NaN when the batch made none); with micro-batches, the norm of this batch's gradient.
 Activations of unsupervised steps are never kept (they run under stop_gradient inside a `cond`
 branch), and each supervised gradient is taken inside the scan body, so memory does not grow with N.
 """
@@ -72,6 +78,14 @@ def adamw(lr: float = 5e-5, warmup: int = 0, total: int = 1000, weight_decay: fl
     return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
 
 
+def micro_batched(optimizer: optax.GradientTransformation, k: int) -> optax.GradientTransformation:
+    """`optimizer` applied once every `k` calls to the mean of their gradients (`optax.MultiSteps`);
+    its schedule counts real updates. For `update: per_batch` only; k = 1 returns `optimizer`."""
+    if k < 1:
+        raise LoopusError(f"micro-batches per update must be >= 1, got {k}")
+    return optimizer if k == 1 else optax.MultiSteps(optimizer, every_k_schedule=k).gradient_transformation()
+
+
 def split_model(model: nnx.Module) -> tuple[Any, Any, Any]:
     """(graphdef, trainable state, frozen state)."""
     return nnx.split(model, is_trainable, ...)
@@ -103,8 +117,15 @@ def _step(
     scan: bool,
     supervised: jax.Array | None = None,
     mesh: Mesh | None = None,
-) -> tuple[TrainState, StepLosses, jax.Array]:
+) -> tuple[TrainState, StepLosses, jax.Array, jax.Array]:
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    per_batch = cfg.update == "per_batch"
+    multi = isinstance(state.opt_state, optax.MultiStepsState)
+    if multi and not per_batch:
+        raise LoopusError(
+            "an optax.MultiSteps (micro-batched) optimizer needs update 'per_batch'; with "
+            "'per_grad_accum_supervised_losses' accumulate supervised losses with grad_accum instead"
+        )
     rng, sub = jax.random.split(state.rng)
     sup = supervised_mask(sub, cfg.n_recursion, cfg.n_supervision) if supervised is None else supervised
     model = nnx.merge(graphdef, state.params, frozen)
@@ -113,7 +134,6 @@ def _step(
     if mesh is not None:  # the loop-carried state is data-parallel: batch split over data x fsdp, features whole
         h = jax.lax.with_sharding_constraint(h, batch_sharding(mesh, h.shape))
     watch = last_valid_index(mask)
-    per_batch = cfg.update == "per_batch"
     scale = 1.0 / (cfg.n_supervision if per_batch else cfg.grad_accum)
     zero_losses = StepLosses(*(jnp.float32(0),) * 6)
 
@@ -124,34 +144,46 @@ def _step(
 
     def apply(params, opt_state, grads):
         upd, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, upd), opt_state
+        return optax.apply_updates(params, upd), opt_state, optax.global_norm(grads)
+
+    def keep(params, opt_state, _):
+        return params, opt_state, jnp.float32(0)
 
     def supervised(carry):
-        h, params, opt_state, acc, n_acc, n_upd = carry
+        h, params, opt_state, acc, n_acc, n_upd, norm_sum = carry
         (_, (h2, losses)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, h)
         acc = jax.tree.map(jnp.add, acc, g)
         n_acc = n_acc + 1
         if not per_batch:
             due = n_acc == cfg.grad_accum
-            params, opt_state = jax.lax.cond(due, apply, lambda p, o, _: (p, o), params, opt_state, acc)
+            params, opt_state, norm = jax.lax.cond(due, apply, keep, params, opt_state, acc)
             acc = jax.tree.map(lambda a: jnp.where(due, jnp.zeros_like(a), a), acc)
             n_upd = n_upd + due.astype(jnp.int32)
             n_acc = jnp.where(due, 0, n_acc)
-        return (jax.lax.stop_gradient(h2), params, opt_state, acc, n_acc, n_upd), losses
+            norm_sum = norm_sum + norm
+        return (jax.lax.stop_gradient(h2), params, opt_state, acc, n_acc, n_upd, norm_sum), losses
 
     def unsupervised(carry):
         h, params, *rest = carry
         return (unsupervised_step(nnx.merge(graphdef, params, frozen), h, ctx, scan), params, *rest), zero_losses
 
-    init = (h, state.params, state.opt_state, state.grad_acc, state.n_acc, state.updates)
-    (_, params, opt_state, acc, n_acc, n_upd), per_step = jax.lax.scan(
+    init = (h, state.params, state.opt_state, state.grad_acc, state.n_acc, state.updates, jnp.float32(0))
+    (_, params, opt_state, acc, n_acc, n_upd, norm_sum), per_step = jax.lax.scan(
         lambda c, s: jax.lax.cond(s, supervised, unsupervised, c), init, sup
     )
     if per_batch:
-        params, opt_state = apply(params, opt_state, acc)
+        params, opt_state, norm = apply(params, opt_state, acc)
         acc = jax.tree.map(jnp.zeros_like, acc)
-        n_acc, n_upd = jnp.int32(0), n_upd + 1
-    return TrainState(params, opt_state, acc, n_acc, n_upd, rng), per_step, sup
+        # MultiSteps counts its real updates; until the k-th micro-batch the key stays, so the k
+        # micro-batches of one update draw the same supervised steps.
+        due = opt_state.gradient_step > state.opt_state.gradient_step if multi else jnp.bool_(True)
+        if multi:
+            rng = jax.lax.cond(due, lambda new, old: new, lambda new, old: old, rng, state.rng)
+        n_acc, n_upd, grad_norm = jnp.int32(0), n_upd + due.astype(jnp.int32), norm
+    else:
+        made = n_upd - state.updates
+        grad_norm = jnp.where(made > 0, norm_sum / jnp.maximum(made, 1), jnp.nan)
+    return TrainState(params, opt_state, acc, n_acc, n_upd, rng), per_step, sup, grad_norm
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "cfg", "scan"), donate_argnames=("state",))
@@ -164,8 +196,10 @@ def train_step(
     cfg: StepConfig,
     scan: bool = True,
     supervised: jax.Array | None = None,
-) -> tuple[TrainState, StepLosses, jax.Array]:
-    """One batch: (new state, StepLosses [N] (zeros at unsupervised steps), supervised mask [N]).
+) -> tuple[TrainState, StepLosses, jax.Array, jax.Array]:
+    """One batch: (new state, StepLosses [N] (zeros at unsupervised steps), supervised mask [N],
+    gradient norm: the mean over the batch's updates of the L2 norm of the gradient each applied,
+    NaN when none; with `per_batch`, the batch's gradient).
 
     The supervised steps are drawn on device from the state's key unless `supervised` ([N] bool) fixes them.
     """
@@ -229,12 +263,15 @@ class ShardedStep:
         return jax.jit(
             fn,
             in_shardings=(tree_shardings(frozen, self.mesh), state_sh, {k: v.sharding for k, v in batch.items()}),
-            out_shardings=(state_sh, replicated, replicated),
+            out_shardings=(state_sh, replicated, replicated, replicated),
             donate_argnums=(1,),
         )
 
-    def __call__(self, frozen: Any, state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, StepLosses, jax.Array]:
-        """(new state, StepLosses [N], supervised mask [N]); `batch` as numpy (placed here) or global arrays."""
+    def __call__(
+        self, frozen: Any, state: TrainState, batch: dict[str, Any]
+    ) -> tuple[TrainState, StepLosses, jax.Array, jax.Array]:
+        """(new state, StepLosses [N], supervised mask [N], gradient norm) as `train_step` returns them;
+        `batch` as numpy (placed here) or global arrays."""
         if not all(isinstance(v, jax.Array) and isinstance(v.sharding, NamedSharding) for v in batch.values()):
             batch = place_batch(batch, self.mesh)
         key = tuple(sorted((k, v.shape) for k, v in batch.items()))

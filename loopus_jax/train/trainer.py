@@ -32,7 +32,7 @@ from loopus_jax.train.checkpoint import Checkpointer
 from loopus_jax.train.config import RUN_DEFINING, TrainConfig, check_paths, load_config
 from loopus_jax.train.losses import IGNORE, StepLosses
 from loopus_jax.train.metrics import MetricsLog, plot, read_jsonl, train_record
-from loopus_jax.train.step import ShardedStep, StepConfig, TrainState, adamw, init_state, place_batch
+from loopus_jax.train.step import ShardedStep, StepConfig, TrainState, adamw, init_state, micro_batched, place_batch
 
 
 @dataclasses.dataclass
@@ -88,9 +88,10 @@ def _spec_ix(spec: str, model: Any) -> tuple[int, ...]:
 
 
 def total_updates(cfg: TrainConfig) -> int:
-    """Optimizer updates over the run: one per `grad_accum` supervised losses, or one per batch."""
+    """Optimizer updates over the run: one per `grad_accum` supervised losses, or one per
+    `micro_batches` batches."""
     if cfg.optim.update == "per_batch":
-        return cfg.train.steps
+        return cfg.train.steps // cfg.optim.micro_batches
     return max(1, cfg.train.steps * cfg.loop.n_supervision // cfg.optim.grad_accum)
 
 
@@ -101,7 +102,9 @@ def schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    return adamw(cfg.optim.lr, cfg.optim.warmup, total_updates(cfg), cfg.optim.weight_decay)
+    """AdamW with the run's schedule, wrapped in optax.MultiSteps when optim.micro_batches > 1."""
+    o = cfg.optim
+    return micro_batched(adamw(o.lr, o.warmup, total_updates(cfg), o.weight_decay), o.micro_batches)
 
 
 def step_config(cfg: TrainConfig) -> StepConfig:
@@ -116,20 +119,21 @@ def _build_step(
     cfg: StepConfig,
     mesh: jax.sharding.Mesh,
     scan: bool,
-) -> tuple[Callable[[TrainState, dict], tuple[TrainState, StepLosses, jax.Array]], Any, TrainState]:
-    """(fn(state, host batch) -> (state, StepLosses [N], supervised mask [N]), frozen, state): the one
-    call of the train step, compiled with explicit shardings on the mesh; frozen and state are
-    returned placed on those shardings."""
+) -> tuple[Callable[[TrainState, dict], tuple[TrainState, StepLosses, jax.Array, jax.Array]], Any, TrainState]:
+    """(fn(state, batch) -> (state, StepLosses [N], supervised mask [N], gradient norm), frozen,
+    state): the one call of the train step, compiled with explicit shardings on the mesh; frozen and
+    state are returned placed on those shardings. `batch`: host rows or `place_batch`'s global arrays."""
     step = ShardedStep(graphdef, optimizer, cfg, mesh, scan)
     frozen, state = step.place(frozen, state)
 
-    def fn(state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, StepLosses, jax.Array]:
-        return step(frozen, state, place_batch(batch, mesh))
+    def fn(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, StepLosses, jax.Array, jax.Array]:
+        return step(frozen, state, batch)
 
     return fn, frozen, state
 
 
 _copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
+_token_count = jax.jit(lambda mask: jnp.sum(mask, dtype=jnp.int32))  # the global batch's, on every process
 
 
 @jax.jit
@@ -312,24 +316,26 @@ def run(
     if eval_due(start) and (start > 0 or cfg.eval.every > 0):  # before training, or one lost to an interruption
         evaluate(start)
 
-    pending: list[tuple[int, int, tuple]] = []  # (step, tokens, device values)
+    pending: list[tuple[int, tuple]] = []  # (step, device values)
     last: dict = {}
     clock = [time.perf_counter()]
 
     def flush() -> None:
         if not pending:
             return
-        fetched = jax.device_get([p[2] for p in pending])
+        fetched = jax.device_get([p[1] for p in pending])
         now = time.perf_counter()
         secs = (now - clock[0]) / len(pending)
         clock[0] = now
-        for (step, tokens, _), (losses, sup, upd, pn, un) in zip(pending, fetched):
+        for (step, _), (losses, sup, gn, tokens, upd, pn, un) in zip(pending, fetched):
+            tokens = int(tokens)
             rec = train_record(
                 step,
                 losses,
                 sup,
                 updates=int(upd),
                 lr=float(lr_at(max(int(upd) - 1, 0))),
+                grad_norm=None if math.isnan(float(gn)) else float(gn),
                 update_norm=None if un is None else math.sqrt(float(un)),
                 param_norm=math.sqrt(float(pn)),
                 tokens=tokens,
@@ -348,11 +354,11 @@ def run(
     try:
         for i in bar:
             step = i + 1
-            batch = next(data_it)
-            tokens = int(np.asarray(batch["attention_mask"]).sum()) * jax.process_count()
+            batch = place_batch(next(data_it), mesh)
+            tokens = _token_count(batch["attention_mask"])
             before = _copy(state.params) if cfg.log.update_norm else None
-            state, losses, sup = step_fn(state, batch)
-            pending.append((step, tokens, (losses, sup, *_stats(state.params, before, state.updates))))
+            state, losses, sup, grad_norm = step_fn(state, batch)
+            pending.append((step, (losses, sup, grad_norm, tokens, *_stats(state.params, before, state.updates))))
             del before
             if step_delay:
                 time.sleep(step_delay)
