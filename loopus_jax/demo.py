@@ -281,8 +281,11 @@ def _plot_depth(sweep: list[dict], base: float, untrained: float, s: DemoSetting
     if ex:
         xs, ys = [r["mean_exit_depth"] for r in ex], [r["ppl_exit"] for r in ex]
         ax.plot(xs, ys, "s--", label=f"early exit ({s.halting}): mean depth")
+        labels: dict[tuple[float, float], list[str]] = {}
         for r, x, y in zip(ex, xs, ys):
-            ax.annotate(f"N={r['n']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            labels.setdefault((round(x, 3), round(y, 3)), []).append(str(r["n"]))
+        for (x, y), names in labels.items():  # coinciding points share one label
+            ax.annotate(f"N={','.join(names)}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.plot([s.n_recursion], [untrained], "x", ms=9, color="red", label=f"looped before training (N={s.n_recursion})")
     ax.axhline(base, color="gray", ls=":", label="base model")
     ax.set_xscale("log", base=2)
