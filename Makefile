@@ -18,7 +18,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check loopus_jax tests benchmarks
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/loopus demo --out demo_out
@@ -31,6 +31,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/eval.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/train_driver.py
+	$(PY) benchmarks/exit_criteria.py
+	$(PY) benchmarks/vs_reference.py $(if $(REFERENCE_REPO),--reference-repo $(REFERENCE_REPO)) $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON))
 
 # docs/cli.md is generated from the parser (a test checks it is current).
 docs: $(STAMP)
