@@ -437,3 +437,20 @@ def test_bootstrap_stderr_equals_lm_evals():
         want = bootstrap_stderr(perplexity, lls, iters)
         assert bootstrap_perplexity_stderr(lls, iters) == pytest.approx(want, rel=1e-9)
     assert math.isfinite(want) and want > 0
+
+
+def test_registering_loopus_keeps_lm_evals_own_models():
+    """lm-eval loads its built-in models only while its registry is empty; importing our adapter first
+    (as `loopus-lm-eval` and user scripts do) must not hide "hf". A fresh interpreter, so nothing else
+    has filled the registry yet."""
+    import subprocess
+    import sys
+
+    code = (
+        "import loopus_jax.eval.harness\n"
+        "from lm_eval.api.registry import get_model\n"
+        "print(get_model('hf').__name__, get_model('loopus').__name__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["HFLM", "LoopusLM"]

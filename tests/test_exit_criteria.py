@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_decode import CFG, NEW, N, _rows, naive_decoder, tiny_checkpoint  # noqa: F401 (a fixture)
+from test_decode import CFG, NEW, N, _rows, batch, naive_decoder, tiny_checkpoint  # noqa: F401 (fixtures)
 from test_loop import _randomize
 
 import loopus_jax as lj
@@ -223,16 +223,6 @@ def test_decoder_runs_in_the_loop_only_for_logit_criteria(looped2):
 
 
 @pytest.fixture(scope="module")
-def batch() -> tuple[np.ndarray, np.ndarray]:
-    """Prompts of lengths 9, 6, 6: row 1 left-padded, row 2 right-padded (as test_decode's)."""
-    ids = np.random.RandomState(0).randint(3, CFG.vocab_size, (3, 9))
-    mask = np.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, 6:] = 0
-    return ids, mask
-
-
-@pytest.fixture(scope="module")
 def base() -> Transformer:
     m = Transformer(CFG, rngs=nnx.Rngs(1))
     _randomize(m, 0)
@@ -269,7 +259,7 @@ def _blocks_by_depth(graphdef, state, ids, mask, n):
     return jnp.stack(out)
 
 
-def test_logit_criteria_see_the_models_logits_at_each_depth(looped2, batch):
+def test_logit_criteria_see_the_models_logits_at_each_depth(looped2, batch):  # noqa: F811
     """A recording criterion (registered here) keeps what it is shown; row 0 halts at depth 2 to check
     that a frozen row keeps its state. The watched position is each row's last real token (rows padded
     left and right). Reference: the model's blocks at fixed depth t, whose last depth is `forward`'s."""
@@ -394,7 +384,7 @@ def _kl_exit(logits_by_depth, thr):
     return np_exit_depth("kl", [[0.0]] * (len(logits_by_depth) + 1), logits_by_depth, thr)
 
 
-def test_cached_decoding_with_kl_equals_naive_decoder(looped, batch):
+def test_cached_decoding_with_kl_equals_naive_decoder(looped, batch):  # noqa: F811
     ids, mask = batch
     kw = dict(max_new_tokens=NEW, stop_tokens=[], return_logits=True, halting="kl")
     thresholds = (0.3, 0.1, 0.05, 0.03, 0.02, 0.01)  # traced: no recompile; keep the most varied exits

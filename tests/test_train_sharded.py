@@ -137,6 +137,21 @@ def _env(devices: int) -> dict:
     return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
 
 
+def _wait_all(procs: list[subprocess.Popen], timeout: int) -> None:
+    """Wait for every process (killing all if one hangs) and check each one's exit."""
+    outs = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append(subprocess.CompletedProcess(p.args, p.returncode, o, e))
+    for proc in outs:
+        _check(proc)
+
+
 def _check(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
@@ -194,17 +209,7 @@ def test_two_processes_equal_one(tmp_path, eight):
         )
         for pid in (0, 1)
     ]
-    outs = []
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outs.append(subprocess.CompletedProcess(p.args, p.returncode, o, e))
-    for proc in outs:
-        _check(proc)
+    _wait_all(procs, timeout=600)
     res = json.loads((tmp / "res.json").read_text())
     assert (res["processes"], res["devices"], res["local_devices"]) == (2, 8, 4)
     np.testing.assert_allclose(res["totals"], eight["ref_totals"], atol=TOL, rtol=0)
@@ -277,17 +282,7 @@ def test_driver_in_two_processes_logs_what_one_process_logs(tmp_path):
         for pid in (0, 1)
     ]
     one = run(_driver_tree(tmp_path, model_dir, docs, "one"))  # meanwhile, the reference in this process
-    outs = []
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outs.append(subprocess.CompletedProcess(p.args, p.returncode, o, e))
-    for proc in outs:
-        _check(proc)
+    _wait_all(procs, timeout=300)
     want = [r for r in read_jsonl(one.metrics_path) if r["kind"] == "train"]
     got = [r for r in read_jsonl(tmp_path / "two" / "out" / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]

@@ -18,6 +18,9 @@ import numpy as np
 from loopus_jax.errors import LoopusError
 
 try:
+    # lm-eval fills its model registry lazily, and only while the registry is empty: load its own
+    # models first, or registering "loopus" would hide "hf" and the rest from `simple_evaluate`.
+    import lm_eval.models  # noqa: F401
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as e:  # pragma: no cover - exercised only without the extra

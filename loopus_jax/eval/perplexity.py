@@ -29,7 +29,10 @@ class Perplexity:
     mean_exit_depth: float | None = None  # looped models: mean over windows of the depth each exited at
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["mean_exit_depth"] is None:  # base models, or looped without an exit record
+            del d["mean_exit_depth"]
+        return d
 
 
 def tokenize_for_ppl(tokenizer: Any, text: str) -> list[int]:
