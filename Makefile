@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/train_driver.py
 	$(PY) benchmarks/exit_criteria.py
+	$(PY) benchmarks/speculative.py
+	$(PY) benchmarks/gemm_ceiling.py
 	$(PY) benchmarks/vs_reference.py $(if $(REFERENCE_REPO),--reference-repo $(REFERENCE_REPO)) $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON))
 
 # docs/cli.md is generated from the parser (a test checks it is current).

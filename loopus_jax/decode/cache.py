@@ -55,14 +55,15 @@ def prompt_keys(prompt_mask: jax.Array, slots: int) -> Keys:
     return Keys(mask, pos)
 
 
-def step_context(cfg: ModelConfig, keys: Keys, slot: jax.Array) -> L.AttnContext:
-    """Attention context of one new token at `slot` against every cache slot (its own included)."""
+def step_context(cfg: ModelConfig, keys: Keys, slot: jax.Array, count: int = 1) -> L.AttnContext:
+    """Attention context of `count` new tokens at slots [slot, slot + count) against every written cache
+    slot (their own included; causal among themselves by position)."""
     b = keys.pos.shape[0]
-    pos = jax.lax.dynamic_slice_in_dim(keys.pos, slot, 1, axis=1)
-    return L.make_context(cfg, jnp.ones((b, 1), jnp.int32), positions=pos, key_mask=keys.mask, key_positions=keys.pos)
+    pos = jax.lax.dynamic_slice_in_dim(keys.pos, slot, count, axis=1)
+    return L.make_context(cfg, jnp.ones((b, count), jnp.int32), positions=pos, key_mask=keys.mask, key_positions=keys.pos)
 
 
-def _layer(p: dict, h: jax.Array, ctx: L.AttnContext, cfg: ModelConfig, attention) -> tuple[jax.Array, tuple]:
+def layer_with(p: dict, h: jax.Array, ctx: L.AttnContext, cfg: ModelConfig, attention) -> tuple[jax.Array, tuple]:
     """`layers.decoder_layer` with its attention replaced by `attention(q, k, v) -> (out, new k/v)`."""
     x = L.rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
     q, k, v = L.qkv(p, x, ctx, cfg)
@@ -113,7 +114,7 @@ def run_stack(
                 full.append(jax.lax.dynamic_update_slice_in_dim(c, x, slot, axis=1).astype(q.dtype))
             return L.attend(q, full[0], full[1], ctx.mask), new
 
-        return _layer(p, h, ctx, cfg, attention)
+        return layer_with(p, h, ctx, cfg, attention)
 
     if isinstance(layers, dict):
         n = jax.tree.leaves(layers)[0].shape[0]
@@ -149,3 +150,11 @@ def fill_deeper(cache: KV, latest: KV, slot: jax.Array, from_depth: jax.Array) -
         return jax.lax.dynamic_update_slice_in_dim(c, jnp.where(deeper, x[None], region), slot, axis=3)
 
     return KV(put(cache.k, latest.k), put(cache.v, latest.v))
+
+
+def clear_after(c: jax.Array, slot: jax.Array, count: int, keep: jax.Array, axis: int) -> jax.Array:
+    """Zero (False) slots [slot + keep, slot + count) of `c` along its slot `axis`: what a rejected
+    speculative draft wrote there, so the cache equals one that never saw those tokens."""
+    region = jax.lax.dynamic_slice_in_dim(c, slot, count, axis=axis)
+    gone = (jnp.arange(count) >= keep).reshape((count,) + (1,) * (c.ndim - axis - 1))
+    return jax.lax.dynamic_update_slice_in_dim(c, jnp.where(gone, jnp.zeros_like(region), region), slot, axis=axis)

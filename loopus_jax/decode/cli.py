@@ -14,7 +14,11 @@ Prompts run in jitted batches (--batch-size, left-padded into power-of-two lengt
 (one per loop depth for a looped model), or recomputing the whole prefix every token with --no-cache.
 Prints each continuation; --json prints {"results": [{"prompt", "text", "tokens", "exit_depths"}],
 "tokens_per_s", "mean_exit_depth", ...} instead, where exit_depths[t] is the loop depth of the pass
-that produced token t (0 for base models)."""
+that produced token t (0 for base models).
+
+Self-speculative decoding (looped models): --draft-depth D --draft-tokens K drafts K tokens per round at
+loop depth D with the model's own caches and verifies them at depth N in one pass: greedy output equals
+plain decoding's exactly, sampled output follows the same distribution; --json adds acceptance_rate."""
 
 
 def register(sub: Any) -> None:
@@ -40,6 +44,8 @@ def register(sub: Any) -> None:
     g.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for every token")
+    g.add_argument("--draft-depth", type=int, help="self-speculative decoding: draft at this loop depth (with --draft-tokens)")
+    g.add_argument("--draft-tokens", type=int, help="self-speculative decoding: tokens drafted per round (with --draft-depth)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per jitted batch (default 8)")
     g.add_argument("--json", action="store_true", help="print tokens, exit depths, tokens/s and mean exit depth as JSON")
     g.set_defaults(fn=cmd_generate)
@@ -80,6 +86,10 @@ def cmd_generate(a: argparse.Namespace) -> None:
         raise LoopusError(
             "--n-recursion, --halting, --q-threshold and --halting-* apply to looped models; this checkpoint is a base model"
         )
+    if (a.draft_depth is None) != (a.draft_tokens is None):
+        raise LoopusError("self-speculative decoding needs both --draft-depth D and --draft-tokens K")
+    if a.draft_depth is not None:
+        opts["speculative"] = {"draft_depth": a.draft_depth, "draft_tokens": a.draft_tokens}
     results, summary = generate_texts(
         model,
         tok,

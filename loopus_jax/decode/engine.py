@@ -45,6 +45,12 @@ class Plan:
     max_new: int
     sampler: Sampler
     return_logits: bool
+    speculative: tuple[int, int] | None = None  # (draft_depth, draft_tokens): see speculative.py
+
+    @property
+    def spare_slots(self) -> int:
+        """Cache slots past P + max_new: a speculative round near the end feeds up to k tokens beyond."""
+        return 0 if self.speculative is None else self.speculative[1]
 
 
 @struct.dataclass
@@ -172,8 +178,9 @@ def _depth_loop(model, plan, stack, decoder, h, ctx, state: CacheState, slot, pr
     return h, exit_depth, rsn, valid
 
 
-def _pass(model, plan, arrays, ids, ctx, state: CacheState, slot, prefill, thr, active, watch):
-    """Every block on `ids` [B, T] at slots [slot, slot + T): (new state, logits of the last position [B, V], exit [B])."""
+def _pass(model, plan, arrays, ids, ctx, state: CacheState, slot, prefill, thr, active, watch, every_position=False):
+    """Every block on `ids` [B, T] at slots [slot, slot + T): (new state, logits of the last position [B, V]
+    (of every position [B, T, V] with `every_position`), exit [B])."""
     blocks = dict(state.blocks)
     h = model.embed_tokens(ids)
     if plan.run is None:
@@ -188,14 +195,14 @@ def _pass(model, plan, arrays, ids, ctx, state: CacheState, slot, prefill, thr, 
         )
         h, kv = _run_block(model, "decoder", arrays["decoder"], h, ctx, blocks, slot, prefill, plan)
         blocks = _write(blocks, "decoder", kv, slot)
-    logits = model.logits(h[:, -1:])[:, 0]
+    logits = model.logits(h) if every_position else model.logits(h[:, -1:])[:, 0]
     return CacheState(state.keys, blocks, valid), logits, exit_depth
 
 
 def _empty_state(model, plan: Plan, prompt_mask: jax.Array) -> CacheState:
     cfg, dt = model.config, jnp.dtype(plan.cache_dtype)
     b, p = prompt_mask.shape
-    slots = p + plan.max_new
+    slots = p + plan.max_new + plan.spare_slots
     keys = C.prompt_keys(prompt_mask, slots)
     if plan.run is None:
         return CacheState(keys, {"layers": C.empty_kv(cfg, (cfg.num_layers,), b, slots, dt)}, None)
@@ -220,17 +227,39 @@ def prefill_cached(model, plan: Plan, ids: jax.Array, mask: jax.Array, thr: Thre
     return _pass(model, plan, weights, ids, ctx, state, jnp.int32(0), True, thr, jnp.ones((b,), bool), watch)
 
 
+def prompt_width(plan: Plan, state: CacheState) -> int:
+    """P, the prompt bucket: generated token t sits in slot P + t."""
+    return state.keys.mask.shape[1] - plan.max_new - plan.spare_slots
+
+
 def step_cached(
     model, plan: Plan, weights: dict, state: CacheState, token: jax.Array, t: jax.Array, active: jax.Array, thr: Thresholds
 ):
     """Generated token `t - 1` (its slot: P + t - 1) through every block against the caches; `weights` from `block_weights`."""
-    slot = state.keys.mask.shape[1] - plan.max_new + t - 1
-    keys = C.Keys(
-        jax.lax.dynamic_update_slice_in_dim(state.keys.mask, jnp.ones((token.shape[0], 1), bool), slot, 1), state.keys.pos
-    )
+    return feed_cached(model, plan, weights, state, token[:, None], t, active, thr)
+
+
+def feed_cached(
+    model,
+    plan: Plan,
+    weights: dict,
+    state: CacheState,
+    tokens: jax.Array,
+    t: jax.Array,
+    active: jax.Array,
+    thr: Thresholds,
+    every_position: bool = False,
+):
+    """Generated tokens t - 1 .. t + T - 2 (`tokens` [B, T], slots from P + t - 1) through every block in
+    one pass, each attending to the caches and to the tokens before it; the depth loop judges halting at
+    the first of them (with `halting="none"`, as a speculative verification runs, it does not matter)."""
+    b, count = tokens.shape
+    slot = prompt_width(plan, state) + t - 1
+    keys = C.Keys(jax.lax.dynamic_update_slice_in_dim(state.keys.mask, jnp.ones((b, count), bool), slot, 1), state.keys.pos)
     state = state.replace(keys=keys)
-    ctx = C.step_context(model.config, keys, slot)
-    return _pass(model, plan, weights, token[:, None], ctx, state, slot, False, thr, active, jnp.zeros_like(token))
+    ctx = C.step_context(model.config, keys, slot, count)
+    watch = jnp.zeros((b,), jnp.int32)
+    return _pass(model, plan, weights, tokens, ctx, state, slot, False, thr, active, watch, every_position)
 
 
 # --- no cache: the whole prefix through `model(...)` every step -------------------------------------

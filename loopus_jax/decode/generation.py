@@ -13,6 +13,7 @@ from flax import nnx, struct
 
 from loopus_jax.api import check_batch
 from loopus_jax.decode import engine as E
+from loopus_jax.decode import speculative as S
 from loopus_jax.decode.sampling import Sampler, sample
 from loopus_jax.errors import LoopusError
 
@@ -58,6 +59,7 @@ class Buffers:
     done: jax.Array  # [B] bool: the row has produced a stop token
     lengths: jax.Array  # [B] int32
     t: jax.Array  # tokens produced so far (every row's column count)
+    speculation: jax.Array  # [3] int32: speculative rounds, tokens drafted, drafts kept
 
 
 def bucket(n: int) -> int:
@@ -78,14 +80,14 @@ def _prefill(graphdef: Any, plan: E.Plan, state: Any, ids: jax.Array, mask: jax.
     fn = E.prefill_cached if plan.cache else E.prefill_window
     dstate, logits, exit_depth = fn(model, plan, ids, mask, dyn.thr)
     tok = _choose(logits, jnp.int32(0), plan, dyn)
-    b = ids.shape[0]
-    tokens = jnp.full((b, plan.max_new), dyn.pad, jnp.int32).at[:, 0].set(tok)
-    exits = jnp.zeros((b, plan.max_new), jnp.int32).at[:, 0].set(exit_depth)
+    b, width = ids.shape[0], plan.max_new + plan.spare_slots  # a speculative round may write past max_new
+    tokens = jnp.full((b, width), dyn.pad, jnp.int32).at[:, 0].set(tok)
+    exits = jnp.zeros((b, width), jnp.int32).at[:, 0].set(exit_depth)
     all_logits = None
     if plan.return_logits:
-        all_logits = jnp.zeros((b, plan.max_new, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
-    buf = Buffers(tokens, exits, all_logits, _is_stop(tok, dyn.stop), jnp.ones((b,), jnp.int32), jnp.int32(1))
-    return dstate, buf
+        all_logits = jnp.zeros((b, width, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+    done, lengths = _is_stop(tok, dyn.stop), jnp.ones((b,), jnp.int32)
+    return dstate, Buffers(tokens, exits, all_logits, done, lengths, jnp.int32(1), jnp.zeros((3,), jnp.int32))
 
 
 def _loop(graphdef: Any, plan: E.Plan, state: Any, dstate: Any, buf: Buffers, dyn: Dynamic) -> tuple[Any, Buffers]:
@@ -100,6 +102,8 @@ def _loop(graphdef: Any, plan: E.Plan, state: Any, dstate: Any, buf: Buffers, dy
 
     def body(c):
         dstate, buf = c
+        if plan.speculative is not None:
+            return S.run_round(model, plan, weights, dstate, buf, dyn)
         t, done = buf.t, buf.done
         prev = jax.lax.dynamic_index_in_dim(buf.tokens, t - 1, 1, keepdims=False)
         dstate, logits, exit_depth = step(model, plan, weights, dstate, prev, t, ~done, dyn.thr)
@@ -112,6 +116,7 @@ def _loop(graphdef: Any, plan: E.Plan, state: Any, dstate: Any, buf: Buffers, dy
             done | _is_stop(tok, dyn.stop),
             buf.lengths + (~done).astype(jnp.int32),
             t + 1,
+            buf.speculation,
         )
         return dstate, new
 
@@ -172,6 +177,27 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
     )
 
 
+def _check_speculative(model: Any, spec: Any, n_recursion: int | None, halting: str | None, cache: bool) -> tuple[int, int]:
+    """(draft_depth, draft_tokens) from the `speculative` option, or a LoopusError that says what is wrong."""
+    from loopus_jax.loop.model import LoopedLM
+
+    if not isinstance(model, LoopedLM):
+        raise LoopusError("speculative decoding drafts at a shallow loop depth: it needs a looped model (loopus_jax.loop_model)")
+    if not isinstance(spec, dict) or set(spec) != {"draft_depth", "draft_tokens"}:
+        raise LoopusError(f'speculative must be a dict {{"draft_depth": d, "draft_tokens": k}}, got {spec!r}')
+    if not cache:
+        raise LoopusError("speculative decoding works on the KV caches; drop cache=False")
+    if halting not in (None, "none"):
+        raise LoopusError(f"speculative decoding verifies every token at full depth N; halting {halting!r} does not apply")
+    n = n_recursion if n_recursion is not None else model.loop.n_recursion
+    d, k = spec["draft_depth"], spec["draft_tokens"]
+    if not isinstance(d, int) or not 1 <= d <= n:
+        raise LoopusError(f"speculative draft_depth must be an integer in [1, n_recursion={n}], got {d!r}")
+    if not isinstance(k, int) or k < 1:
+        raise LoopusError(f"speculative draft_tokens must be a positive integer, got {k!r}")
+    return d, k
+
+
 def generate(
     model: nnx.Module,
     input_ids: Any,
@@ -192,6 +218,7 @@ def generate(
     pad_token_id: int | None = None,
     scan_layers: bool | None = None,
     return_logits: bool = False,
+    speculative: dict | None = None,
     **loop_options: Any,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens per row for a base or looped model.
@@ -225,10 +252,19 @@ def generate(
     `jax.random.key(seed)` folded with the token index (reproducible for a fixed seed and batch).
     `scan_layers` (cached path): the layer loop as a `lax.scan` (small compile) or unrolled (default on
     CPU, where a scanned layer's weights are copied out of the stack at every step: 2x slower decoding).
+
+    `speculative={"draft_depth": d, "draft_tokens": k}` (looped models, cached, no halting): each round
+    drafts k tokens at depth d with the model's own caches and verifies them at depth N in one pass
+    (see `loopus_jax.decode.speculative`): greedy output is exactly plain decoding's, sampled output
+    follows the same distribution. `timings` then also reports rounds, drafted and accepted tokens and
+    the acceptance rate; `exit_depth` is N for every token (each is verified at full depth).
     """
     from loopus_jax.loop.model import LoopedLM
     from loopus_jax.models.transformer import Transformer
 
+    if speculative is not None:
+        spec = _check_speculative(model, speculative, n_recursion, halting, cache)
+        halting = "none"
     if isinstance(model, LoopedLM):
         run, p0, p1 = model.options(n_recursion=n_recursion, halting=halting, q_threshold=q_threshold, **loop_options)
     elif isinstance(model, Transformer):
@@ -261,6 +297,8 @@ def generate(
         raise LoopusError(f"unsupported cache_dtype {cache_dtype!r}; expected float32 or bfloat16") from None
     scan = jax.default_backend() != "cpu" if scan_layers is None else bool(scan_layers)
     plan = E.Plan(run, bool(cache), scan, cache_fill, cdt, max_new_tokens, sampler, bool(return_logits))
+    if speculative is not None:
+        plan = dataclasses.replace(plan, speculative=spec)
     pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id or 0
     dyn = Dynamic(
         E.Thresholds(jnp.float32(p0), jnp.float32(p1)),
@@ -294,6 +332,9 @@ def generate(
         "tokens_per_s": produced / max(t1 - t0 + t3 - t2, 1e-9),
         "prompt_bucket": int(p_ids.shape[1]),
     }
+    if speculative is not None:
+        rounds, drafted, kept = (int(x) for x in np.asarray(buf.speculation))
+        timings.update(rounds=rounds, drafted=drafted, accepted=kept, acceptance_rate=kept / max(drafted, 1))
     return GenerateOutput(
         tokens=np.asarray(buf.tokens)[:, :new],
         exit_depth=np.asarray(buf.exit_depth)[:, :new],

@@ -50,7 +50,8 @@ def generate_texts(
 
     `generate_kw` goes to `loopus_jax.generate` (max_new_tokens, sampling, looped options, cache
     settings). The summary holds new_tokens, seconds (prefill + decode, compile excluded as `generate`
-    reports them), tokens_per_s and mean_exit_depth over the generated tokens.
+    reports them), tokens_per_s and mean_exit_depth over the generated tokens (and acceptance_rate,
+    the share of speculative drafts kept, with `speculative`).
     """
     from loopus_jax.decode.generation import generate
     from loopus_jax.progress import progress
@@ -63,6 +64,7 @@ def generate_texts(
     pad = pad_id(model, tokenizer)
     generate_kw.setdefault("stop_tokens", stop_tokens(model, tokenizer))
     results, seconds, produced = [], 0.0, 0
+    drafted = accepted = 0
     starts = range(0, len(encoded), batch_size)
     for s in progress(starts, "generate", total=len(starts), unit="batch"):
         rows = encoded[s : s + batch_size]
@@ -74,6 +76,7 @@ def generate_texts(
         out = generate(model, ids, mask, pad_token_id=pad, **generate_kw)
         seconds += out.timings["prefill_s"] + out.timings["decode_s"]
         produced += out.timings["new_tokens"]
+        drafted, accepted = drafted + out.timings.get("drafted", 0), accepted + out.timings.get("accepted", 0)
         for i, prompt in enumerate(prompts[s : s + batch_size]):
             n = int(out.lengths[i])
             toks = out.tokens[i, :n].tolist()
@@ -86,4 +89,6 @@ def generate_texts(
         "tokens_per_s": produced / max(seconds, 1e-9),
         "mean_exit_depth": float(np.mean(depths)) if depths else 0.0,
     }
+    if generate_kw.get("speculative") is not None:
+        summary["acceptance_rate"] = accepted / max(drafted, 1)
     return results, summary

@@ -169,7 +169,7 @@ class LoopedLM(LMEnds):
         keys/values of all positions and runs its query, MLP, the final norm and the LM head only at
         `watch` (with one decoder layer, as in the usual split, that is the whole saving).
         """
-        from loopus_jax.decode.cache import _layer as layer_with_attention  # (decode imports this module)
+        from loopus_jax.decode.cache import layer_with  # (decode imports this module)
 
         cfg, nd = self.config, self.decoder.num_layers
         rows = jnp.arange(h.shape[0])
@@ -182,7 +182,7 @@ class LoopedLM(LMEnds):
             _, k, v = L.qkv(p, L.rms_norm(h, p["attn_norm"], cfg.rms_norm_eps), ctx, cfg)  # (q unused: not computed)
             at = lambda a: a[rows, watch][:, None]
             one = L.AttnContext(at(ctx.cos), at(ctx.sin), ctx.mask[rows, 0, watch][:, None, None])
-            hw, _ = layer_with_attention(p, hw, one, cfg, lambda q, _k, _v: (L.attend(q, k, v, one.mask), None))
+            hw, _ = layer_with(p, hw, one, cfg, lambda q, _k, _v: (L.attend(q, k, v, one.mask), None))
         return self.logits(hw)[:, 0].astype(jnp.float32)
 
     def __call__(
