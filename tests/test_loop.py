@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -227,13 +228,28 @@ def test_per_sample_halting_equals_each_sample_alone(looped, batch, strategy):
 
 
 def _run_rule(strategy, qs, deltas=None, thr=0.6, interval=1, eps=0.1):
-    """Drive `halting.decide` along a hand-built trajectory for one sample; return its exit depth."""
+    """Drive `halting.advance` along a hand-built trajectory for one sample; return its exit depth.
+    The watched state is one channel that moves by the given change at each step (from 0)."""
     n = len(qs)
-    active, stats = jnp.ones((1,), bool), H.init_stats(1)
+    active, carry = jnp.ones((1,), bool), H.init_carry(strategy, 1, 1)
+    params = (jnp.float32(eps if strategy == "convergence" else thr), jnp.float32(0.0))
     for i in range(n):
         d = 1.0 if deltas is None else deltas[i]
-        facts = H.StepFacts(jnp.int32(i), n, jnp.asarray([qs[i]], jnp.float32), jnp.asarray([d], jnp.float32))
-        halt, stats = H.decide(strategy, facts, active, stats, q_threshold=thr, q_eval_interval=interval, convergence_epsilon=eps)
+        h_old, gated = jnp.zeros((1, 1, 1), jnp.float32), jnp.full((1, 1, 1), d, jnp.float32)
+        q = jnp.asarray([qs[i]], jnp.float32)
+        _, halt, carry = H.advance(
+            strategy,
+            params,
+            jnp.int32(i),
+            n,
+            q,
+            h_old,
+            gated,
+            active,
+            jnp.zeros((1,), jnp.int32),
+            carry,
+            q_eval_interval=interval,
+        )
         if bool(halt[0]):
             return i + 1
         active = active & ~halt
@@ -336,6 +352,20 @@ def _rewrite(src, dst, edit):
     tensors = {k: np.array(f.get(k)) for k in f.keys()}
     edit(tensors)
     write_safetensors(dst, [(k, v.shape, v.dtype, (lambda v=v: v)) for k, v in tensors.items()])
+
+
+def test_lds_config_names_only_rules_the_authors_know(looped, tmp_path):
+    """A Huginn criterion is written as the authors' default ("threshold") and kept under loopus_halting."""
+    saved = looped.loop
+    try:
+        for ours, theirs in (("kl", "threshold"), ("none", "threshold"), ("cdf", "cdf"), ("convergence", "convergence")):
+            looped.loop = dataclasses.replace(saved, halting=ours)
+            lj.save(looped, tmp_path / ours, format="lds")
+            cfg = json.loads((tmp_path / ours / "config.json").read_text())
+            assert (cfg["halting_strategy"], cfg["loopus_halting"]) == (theirs, ours)
+            assert lj.load(tmp_path / ours)[0].loop.halting == ours
+    finally:
+        looped.loop = saved
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from loopus_jax.convert.hf import common_dtype, fill_from_source, torch_dtype_na
 from loopus_jax.convert.names import lds_rules
 from loopus_jax.convert.safetensors_io import SafetensorsDir
 from loopus_jax.errors import LoopusError
+from loopus_jax.loop.halting import STRATEGIES
 from loopus_jax.loop.model import LoopConfig, LoopedLM
 from loopus_jax.loop.spec import make_split
 from loopus_jax.models.transformer import param_dtype
@@ -88,9 +89,11 @@ def parse_lds_config(d: dict) -> tuple[C.ModelConfig, LoopConfig]:
         raise LoopusError(
             f"lds config: reasoning_layer_indices {stored_reasoning} are not the layers between encoder and decoder"
         )
-    strategy = d.get("loopus_halting") or d.get("halting_strategy", "threshold")
+    strategy = d.get("halting_strategy", "threshold")
     if strategy not in ("none", "cdf", "convergence"):
         strategy = "threshold"  # the authors treat every other name as threshold
+    if d.get("loopus_halting") in STRATEGIES:  # ours, written by `save_lds`: any exit criterion
+        strategy = d["loopus_halting"]
     loop = LoopConfig(
         split.encoder,
         split.reasoning,
@@ -134,7 +137,8 @@ def lds_config_dict(model: LoopedLM, dtype_name: str, base_name: str = "") -> di
         "N": loop.n_recursion,
         "q_threshold": loop.q_threshold,
         "q_eval_interval": loop.q_eval_interval,
-        "halting_strategy": "threshold" if loop.halting == "none" else loop.halting,
+        # The authors know LoopUS's rules only (and treat any other name as threshold): ours stays in loopus_halting.
+        "halting_strategy": loop.halting if loop.halting in ("cdf", "convergence") else "threshold",
         "convergence_epsilon": loop.convergence_epsilon,
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,

@@ -4,8 +4,7 @@ The rules themselves are exit criteria (`loopus_jax.loop.criteria`): pure functi
 position's state before and after a step, the decoder's logits there when they need them, q, and their
 own carried statistics. `advance` freezes halted rows, runs the decoder on the watched positions only
 for criteria that need logits (once per depth: the previous depth's logits are carried), and keeps a
-halted row's statistics. `decide` / `StepFacts` / `init_stats` are the older q-and-change view of the
-three LoopUS rules, kept for callers that drive a rule by hand.
+halted row's statistics.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import jax.numpy as jnp
 from loopus_jax.loop import criteria as C
 
 STRATEGIES = C.names()
-LOOPUS_RULES = ("none", "threshold", "cdf", "convergence")
 
 
 def check_strategy(name: str) -> str:
@@ -75,41 +73,3 @@ def advance(
     keep = lambda old, new: jnp.where(active.reshape(-1, *([1] * (new.ndim - 1))), new, old)
     stats = jax.tree.map(keep, carry.stats, stats)
     return h_next, active & halt, Carry(stats, logits)
-
-
-# --- the older view of the three LoopUS rules ---------------------------------------------------------
-
-
-class StepFacts(NamedTuple):
-    step: jax.Array  # 0-based depth index of the step just taken
-    n: int  # the depth bound N
-    q: jax.Array  # [B] sigmoid of the q logit at this step
-    delta_norm: jax.Array  # [B] ||h_t - h_{t-1}|| at the watched position
-
-
-def init_stats(batch: int) -> jax.Array:
-    """Carried statistic: log-survival for `cdf` (unused by the others)."""
-    return jnp.zeros((batch,), jnp.float32)
-
-
-def decide(
-    strategy: str,
-    facts: StepFacts,
-    active: jax.Array,
-    stats: jax.Array,
-    *,
-    q_threshold: jax.Array,
-    q_eval_interval: int,
-    convergence_epsilon: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """(halt now [B] bool, new stats) for the samples still `active`, by one of LoopUS's rules."""
-    if strategy not in LOOPUS_RULES:
-        raise ValueError(f"decide() drives {', '.join(LOOPUS_RULES)}; use advance() for {strategy!r}")
-    c = C.get(strategy)
-    zero = jnp.zeros_like(facts.delta_norm)[:, None]
-    # The watched state as a one-channel vector whose change has the given norm.
-    evaluate = evaluate_now(facts.step, facts.n, q_eval_interval)
-    depth = C.Depth(facts.step, facts.n, evaluate, zero, facts.delta_norm[:, None], None, None, facts.q)
-    thr = convergence_epsilon if c.legacy_option == "convergence_epsilon" else q_threshold
-    halt, new = c.rule(depth, {"threshold": jnp.asarray(thr, jnp.float32)}, stats)
-    return active & halt, jnp.where(active, new, stats)
