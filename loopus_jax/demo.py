@@ -47,7 +47,7 @@ class DemoSettings:
     lr: float = 1e-4
     depths: tuple[int, ...] = (1, 2, 4, 8)
     halting: str = "threshold"
-    q_threshold: float | None = None  # None: the median q of the trained head on held-out windows (see _calibrate_q)
+    q_threshold: float | None = None  # None: the median q of the trained head on held-out windows (see median_q)
     prompts: tuple[str, ...] = PROMPTS
     max_new_tokens: int = 24
     seed: int = 0
@@ -167,7 +167,7 @@ def run_demo(
     enc, dec = split.specs()
     untrained = loop_model(base, enc, dec, n_recursion=s.n_recursion, seed=s.seed)
     before = perplexity_of_ids(untrained, ids, max_length=s.window, batch_size=8, n_recursion=s.n_recursion, halting="none")
-    del untrained
+    del untrained, base  # the driver loads its own copy; the base is reloaded for the export stage (memory: issue 8)
     data_file = out / "data" / "calibration.txt"
     data_file.parent.mkdir(parents=True, exist_ok=True)
     data_file.write_text(calib, encoding="utf-8")
@@ -194,7 +194,7 @@ def run_demo(
     )
 
     stages.start("depth", f"held-out perplexity against depth N = {', '.join(map(str, s.depths))}, with and without early exit")
-    thr = _calibrate_q(looped, ids, s) if s.q_threshold is None else s.q_threshold
+    thr = median_q(after, len(ids), s.window) if s.q_threshold is None else s.q_threshold
     rep["q_threshold"] = {"value": thr, "calibrated": s.q_threshold is None}
     how = f"the median q of the trained head on the held-out windows at N={s.n_recursion}"
     print(f"  early exit: {s.halting} rule, q threshold {thr:.4f}" + (f" ({how})" if s.q_threshold is None else ""))
@@ -234,13 +234,11 @@ def run_demo(
     w = min(64, len(ids) // 2)
     probe = np.asarray(ids[: 2 * w], np.int32).reshape(2, w)
     lds_dir = lj.save(looped, out / "export" / "lds", format="lds", tokenizer=tok)
+    checks = {"lds": _max_logit_diff(looped, lj.load(lds_dir)[0], probe, n_recursion=s.n_recursion)}
+    del looped
+    base, _ = lj.load(path)
     hf_dir = lj.save(base, out / "export" / "hf", format="hf", tokenizer=tok)
-    lds_model, _ = lj.load(lds_dir)
-    hf_model, _ = lj.load(hf_dir)
-    checks = {
-        "lds": _max_logit_diff(looped, lds_model, probe, n_recursion=s.n_recursion),
-        "hf": _max_logit_diff(base, hf_model, probe),
-    }
+    checks["hf"] = _max_logit_diff(base, lj.load(hf_dir)[0], probe)
     tol = 1e-4  # float32 files hold the weights exactly; this allows only run-to-run kernel order
     rep["export"] = {"lds": str(lds_dir), "hf": str(hf_dir), "max_abs_logit_diff": checks, "tolerance": tol}
     for k, v in checks.items():
@@ -258,14 +256,12 @@ def run_demo(
     return rep
 
 
-def _calibrate_q(looped: Any, ids: list[int], s: DemoSettings) -> float:
-    """Median over held-out windows and depths of the q head's confidence at N = the training depth."""
-    import loopus_jax as lj
-
-    k = len(ids) // s.window
-    rows = np.asarray(ids[: k * s.window], np.int32).reshape(k, s.window)
-    qs = [np.asarray(lj.forward(looped, rows[i : i + 8], n_recursion=s.n_recursion, halting="none").q) for i in range(0, k, 8)]
-    return float(np.nanmedian(np.concatenate(qs)))
+def median_q(ppl: Any, n_tokens: int, window: int) -> float:
+    """The early-exit threshold: median over the full held-out windows and every depth of the q head's
+    confidence, read from the q that the fixed-depth perplexity pass `ppl` (halting "none") recorded."""
+    if ppl.q is None:
+        raise LoopusError("the perplexity pass recorded no q (a base model?); calibrate q on a looped model")
+    return float(np.nanmedian(ppl.q[: n_tokens // window]))
 
 
 def _plot_depth(sweep: list[dict], base: float, untrained: float, s: DemoSettings, path: Path) -> Path:

@@ -136,3 +136,25 @@ def test_rerun_resumes_the_finished_training(demo_run):
     again, _ = lj.load(result.exports["loopus"])
     ids = np.arange(3, 19)[None]
     np.testing.assert_array_equal(np.asarray(lj.forward(first, ids).logits), np.asarray(lj.forward(again, ids).logits))
+
+
+def test_q_threshold_is_the_median_q_of_a_separate_forward(demo_run):
+    """The demo reads the calibrated threshold off the q its N-depth perplexity pass recorded; it must equal
+    the former separate computation: every full held-out window through `forward` at N, in batches of 8,
+    median over windows and depths. Tolerance 1e-6: the same float32 q values, computed in batches of a
+    different composition (XLA's per-row results agree to float32 rounding; q lies in (0, 1))."""
+    from loopus_jax.demo import demo_texts
+    from loopus_jax.eval.perplexity import tokenize_for_ppl
+
+    out, rep, _, _, data = demo_run
+    _, held, _ = demo_texts(data)
+    ids = tokenize_for_ppl(word_tokenizer(), held)[: SETTINGS.held_out_tokens]
+    trained, _ = lj.load(out / "train" / "model")
+    k = len(ids) // SETTINGS.window
+    rows = np.asarray(ids[: k * SETTINGS.window], np.int32).reshape(k, SETTINGS.window)
+    n = SETTINGS.n_recursion
+    qs = [np.asarray(lj.forward(trained, rows[i : i + 8], n_recursion=n, halting="none").q) for i in range(0, k, 8)]
+    qs = np.concatenate(qs)
+    assert qs.shape == (k, n) and np.ptp(qs) > 1e-3  # q varies, so a wrong slice or depth changes the median
+    assert rep["q_threshold"]["calibrated"] is True
+    assert rep["q_threshold"]["value"] == pytest.approx(float(np.nanmedian(qs)), abs=1e-6)

@@ -250,3 +250,28 @@ def test_default_model_ppl_is_sane(tmp_path):
     assert 300 < out["tokens"] < 700
     assert 2 < out["ppl"] < 60, out
     assert out["ppl"] == pytest.approx(math.exp(out["nll"] / out["tokens"]), rel=1e-9)
+
+
+def test_looped_perplexity_records_each_windows_q(loaded):
+    """The perplexity pass hands back the q its forward computed, window by window ([windows, N]), so the
+    demo calibrates its exit threshold without a second forward: each row equals `forward`'s q of that
+    window alone (checked for the full windows). Tolerance 1e-6: the same float32 q, computed in a batch
+    with other (padded) windows; rows are independent, so only rounding can differ. The demo's threshold
+    is the median over the full windows only, the last (shorter) one left out."""
+    from loopus_jax.demo import median_q
+    from loopus_jax.loop.model import loop_model
+
+    base, _ = loaded
+    _, words_ = _text(52, seed=52)
+    full = [BOS, *words_]  # windows of 16, 16, 16, 5; batches of 3: the second is the short window and 2 copies
+    base_ppl = perplexity_of_ids(base, full, max_length=MAX_LEN, batch_size=3)
+    assert base_ppl.q is None and "q" not in base_ppl.to_dict()
+    looped = loop_model(base, "none", "1-", n_recursion=3, seed=0)
+    got = perplexity_of_ids(looped, full, max_length=MAX_LEN, batch_size=3, n_recursion=3, halting="none")
+    rows = np.asarray(full[: 3 * MAX_LEN]).reshape(3, 1, MAX_LEN)  # the full windows, one forward each
+    alone = np.concatenate([np.asarray(lj.forward(looped, r, n_recursion=3, halting="none").q) for r in rows])
+    assert got.q.shape == (4, 3) and np.all((got.q > 0) & (got.q < 1))
+    np.testing.assert_allclose(got.q[:3], alone, atol=1e-6)
+    assert "q" not in got.to_dict()
+    assert np.ptp(alone) > 1e-3 and abs(np.median(got.q) - np.median(alone)) > 1e-6  # leaving the short one out matters
+    assert median_q(got, len(full), MAX_LEN) == pytest.approx(float(np.median(alone)), abs=1e-6)

@@ -374,3 +374,52 @@ def test_micro_batches_update_every_k_batches_and_resume_exactly(tiny):
     assert resumed.resumed_from == 3
     again = [r for r in read_jsonl(resumed.metrics_path) if r["kind"] == "train"]
     assert strip_timing(again) == strip_timing(rows[3:])  # bit for bit, parameter norm included
+
+
+def test_checkpoints_on_cpu_are_saved_synchronously(tmp_path):
+    """On the CPU backend an asynchronous save keeps a full host copy of the state alive while training
+    goes on (issue 8: +2 GB in the demo), so the default saves synchronously there: the step is complete
+    on disk when `save` returns. An explicit `async_save` still wins."""
+    import jax.numpy as jnp
+
+    from loopus_jax.train.checkpoint import Checkpointer
+    from loopus_jax.train.step import TrainState
+
+    assert jax.default_backend() == "cpu"
+    w = jnp.arange(6.0).reshape(2, 3)
+    state = TrainState({"w": w}, (), {"w": jnp.zeros_like(w)}, jnp.int32(0), jnp.int32(1), jax.random.key(0))
+    ck = Checkpointer(tmp_path / "ck", every=1, keep=2)
+    assert ck.async_save is False
+    ck.save(1, state, {"pos": 1}, {"step": 1})
+    assert finalized_steps(tmp_path / "ck") == [1]  # no wait: written and renamed before save returned
+    restored, data, meta = ck.restore(1, state, jax.sharding.Mesh(jax.devices()[:1], ("data",)))
+    np.testing.assert_array_equal(np.asarray(restored.params["w"]), np.asarray(w))
+    assert (data, meta) == ({"pos": 1}, {"step": 1})
+    ck.close()
+    explicit = Checkpointer(tmp_path / "ck2", every=1, keep=2, async_save=True)
+    assert explicit.async_save is True
+    explicit.close()
+
+
+def test_no_gradient_accumulator_when_every_supervised_loss_updates(tiny, reference):
+    """With the per-loss rule and grad_accum 1 each supervised gradient is applied at once, so the trainer
+    keeps no accumulator (it would stay zero: one copy of the trained parameters less in RAM and in every
+    checkpoint; issue 8). The replay test above builds its state with one and matches the run's metrics
+    exactly. A step that does accumulate refuses a state without one, with a clear error."""
+    import json
+
+    ckpt = Path(load_config(reference[0]).checkpoint.dir)
+    tree = json.loads((ckpt / str(finalized_steps(ckpt)[-1]) / "state" / "_METADATA").read_text())["tree_metadata"]
+    kinds = {k: v["value_metadata"]["value_type"] for k, v in tree.items()}  # orbax's key: "('grad_acc', 'decoder', ...)"
+    assert [t for k, t in kinds.items() if k.startswith("('grad_acc'")] == ["None"]
+    assert sum(t == "jax.Array" for k, t in kinds.items() if k.startswith("('opt_state'")) > 10  # the moments are there
+    model = loop_model(lj.load(tiny[1])[0], "0", "2-", n_recursion=3)
+    opt = adamw(1e-2, 2, 16)
+    graphdef, frozen, state = init_state(model, opt, accumulate=False)
+    assert state.grad_acc is None
+    batch = {k: np.ones((2, 16), np.int32) for k in ("input_ids", "attention_mask", "labels")}
+    for cfg in (StepConfig(3, 2, grad_accum=2), StepConfig(3, 2, update="per_batch")):
+        assert cfg.accumulates
+        with pytest.raises(LoopusError, match="accumulator"):
+            train_step(graphdef, frozen, state, batch, opt, cfg)
+    assert not StepConfig(3, 2).accumulates

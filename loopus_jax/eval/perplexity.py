@@ -4,7 +4,8 @@ Tokenize the whole text without special tokens, prepend the tokenizer's BOS if i
 consecutive windows of `max_length` tokens (the last may be shorter), score each window on its own
 (its first token is not predicted), and report ppl = exp(total NLL / number of predicted tokens).
 Looped models take `forward`'s options; with halting each window exits as a whole (decided at its last
-token), and `mean_exit_depth` is the mean over windows.
+token), and `mean_exit_depth` is the mean over windows. The same pass records each window's q (the q
+head's confidence at every depth), so a caller that also wants q needs no second forward.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ class Perplexity:
     nll: float  # total negative log-likelihood (nats)
     ppl: float
     mean_exit_depth: float | None = None  # looped models: mean over windows of the depth each exited at
+    q: np.ndarray | None = dataclasses.field(default=None, repr=False)  # looped: [windows, N], NaN after an exit
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        """The summary numbers (JSON-ready; the per-window q array is left out)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "q"}
         if d["mean_exit_depth"] is None:  # base models, or looped without an exit record
             del d["mean_exit_depth"]
         return d
@@ -56,7 +59,7 @@ def perplexity_of_ids(
     if not windows:
         raise LoopusError("the text has fewer than 2 tokens; nothing to score")
     width = min(max_length, max(len(w) for w in windows))
-    total, count, depths = 0.0, 0, []
+    total, count, depths, qs = 0.0, 0, [], []
     for start in progress(
         range(0, len(windows), batch_size), desc="perplexity", total=-(-len(windows) // batch_size), unit="batch"
     ):
@@ -74,8 +77,11 @@ def perplexity_of_ids(
         count += int(valid.sum())
         if s.exit_depth is not None:
             depths.extend(s.exit_depth[:rows].tolist())
+        if s.q is not None:
+            qs.append(s.q[:rows])
     mean_depth = float(np.mean(depths)) if depths else None
-    return Perplexity(tokens=count, nll=total, ppl=math.exp(total / count), mean_exit_depth=mean_depth)
+    q = np.concatenate(qs) if qs else None
+    return Perplexity(tokens=count, nll=total, ppl=math.exp(total / count), mean_exit_depth=mean_depth, q=q)
 
 
 def perplexity(

@@ -22,22 +22,25 @@ from loopus_jax.errors import LoopusError
 @dataclasses.dataclass
 class TokenScores:
     """Host arrays. `logprobs[:, j]` / `greedy[:, j]` score the token at column `T - W + j` given the
-    columns before it (W = `tail`, or T - 1); `exit_depth` [B] is None for base models; `last_logprobs`
+    columns before it (W = `tail`, or T - 1); `exit_depth` [B] and `q` [B, N] (the q head's confidence at
+    each depth, NaN after a row's exit, as `forward` gives it) are None for base models; `last_logprobs`
     [B, V] is the full log-softmax at column T - 2 (the last input column) when asked for."""
 
     logprobs: np.ndarray
     greedy: np.ndarray
     exit_depth: np.ndarray | None = None
     last_logprobs: np.ndarray | None = None
+    q: np.ndarray | None = None
 
 
-def _logits(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, opts: Any, q_thr, eps) -> tuple[jax.Array, jax.Array]:
-    """(logits, exit depth) of a base (opts None: depth 0) or looped model, inside a jitted function."""
+def _logits(
+    graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, opts: Any, q_thr, eps
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(logits, exit depth, q) of a base (opts None: depth 0, q None) or looped model, inside a jitted function."""
     model = nnx.merge(graphdef, state)
     if opts is None:
-        return model(ids, mask), jnp.zeros((ids.shape[0],), jnp.int32)
-    logits, depth, _ = model(ids, mask, opts, q_thr, eps)
-    return logits, depth
+        return model(ids, mask), jnp.zeros((ids.shape[0],), jnp.int32), None
+    return model(ids, mask, opts, q_thr, eps)
 
 
 def _split_options(model: nnx.Module, options: dict) -> tuple[Any, Any, Any]:
@@ -55,14 +58,14 @@ def _split_options(model: nnx.Module, options: dict) -> tuple[Any, Any, Any]:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts", "tail", "want_last"))
 def _score(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, opts: Any, q_thr, eps, tail: int, want_last: bool):
-    logits, depth = _logits(graphdef, state, ids, mask, opts, q_thr, eps)
+    logits, depth, q = _logits(graphdef, state, ids, mask, opts, q_thr, eps)
     w = tail or ids.shape[1] - 1
     logits = logits[:, -w - 1 : -1]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     target = ids[:, -w:]
     lp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(logits, axis=-1) == target
-    return lp, greedy, depth, (logp[:, -1] if want_last else None)
+    return lp, greedy, depth, (logp[:, -1] if want_last else None), q
 
 
 def score_tokens(
@@ -76,18 +79,19 @@ def score_tokens(
     ids, mask = place_batch(model, *check_batch(model, input_ids, attention_mask))
     graphdef, state = nnx.split(model)
     opts, q_thr, eps = _split_options(model, options)
-    lp, greedy, depth, last = _score(graphdef, state, ids, mask, opts, q_thr, eps, tail or 0, want_last)
+    lp, greedy, depth, last, q = _score(graphdef, state, ids, mask, opts, q_thr, eps, tail or 0, want_last)
     return TokenScores(
         np.asarray(lp),
         np.asarray(greedy),
         None if opts is None else np.asarray(depth),
         None if last is None else np.asarray(last),
+        None if q is None else np.asarray(q),
     )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
 def _greedy(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, at: jax.Array, opts: Any, q_thr, eps):
-    logits, _ = _logits(graphdef, state, ids, mask, opts, q_thr, eps)
+    logits = _logits(graphdef, state, ids, mask, opts, q_thr, eps)[0]
     return jnp.argmax(logits[jnp.arange(ids.shape[0]), at], axis=-1).astype(jnp.int32)
 
 

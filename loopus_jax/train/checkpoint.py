@@ -2,11 +2,16 @@
 parameters, optimizer state, accumulated gradient, counters, RNG key), every process's data iterator
 state and a JSON record (step, config).
 
-Saves are asynchronous (the arrays are copied off the device before `save` returns, the disk write
-runs in the background). A kill during a save cannot leave a step that looks complete: orbax writes
-each step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only after every item is
-written (`commit_success.txt` marks completion on object stores), and `latest_step` lists finalized
-steps only, so resuming picks the newest complete step and never a half-written one.
+Saves on accelerators are asynchronous by default (the arrays are copied off the device before `save`
+returns, the disk write runs in the background). On the CPU backend that copy is a second full copy
+of the state in the same RAM, alive while the next steps run (it raised the demo's training peak by
+the state's size, ~2 GB for SmolLM2-135M), so saves there are synchronous unless `async_save` asks
+otherwise; the write then costs a pause of a few seconds every `checkpoint.every` steps.
+
+A kill during a save cannot leave a step that looks complete: orbax writes each step into
+`<step>.orbax-checkpoint-tmp` and renames it to `<step>` only after every item is written
+(`commit_success.txt` marks completion on object stores), and `latest_step` lists finalized steps
+only, so resuming picks the newest complete step and never a half-written one.
 """
 
 from __future__ import annotations
@@ -68,9 +73,13 @@ def _storable(state: TrainState) -> TrainState:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool | None = None):
+        """`async_save` None: asynchronous unless JAX's default backend is the CPU."""
         self.directory = Path(directory).absolute()
         self.every = every
+        if async_save is None:
+            async_save = jax.default_backend() != "cpu"
+        self.async_save = async_save
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
         )

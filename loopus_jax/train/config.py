@@ -90,7 +90,7 @@ class CheckpointSection:
     dir: str = "checkpoints"
     every: int = 100
     keep: int = 3
-    async_save: bool = True
+    async_save: bool | None = None  # null: async on accelerators, synchronous on CPU (see train/checkpoint.py)
 
 
 @dataclasses.dataclass

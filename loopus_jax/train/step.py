@@ -61,11 +61,17 @@ class StepConfig:
             raise LoopusError(f"unknown update rule {self.update!r}; expected one of {', '.join(UPDATE_RULES)}")
         return self
 
+    @property
+    def accumulates(self) -> bool:
+        """Whether a gradient outlives its supervised step (per_batch, or grad_accum > 1); otherwise each
+        is applied at once and the state needs no accumulator (`init_state(..., accumulate=False)`)."""
+        return self.update == "per_batch" or self.grad_accum > 1
+
 
 class TrainState(NamedTuple):
     params: Any  # trainable nnx.State (float32 master weights)
     opt_state: Any
-    grad_acc: Any  # gradient accumulated since the last update (per_grad_accum rule)
+    grad_acc: Any  # gradient accumulated since the last update (per_grad_accum rule); None when never needed
     n_acc: jax.Array  # supervised losses accumulated since the last update
     updates: jax.Array  # optimizer updates applied so far
     rng: jax.Array
@@ -92,17 +98,19 @@ def split_model(model: nnx.Module) -> tuple[Any, Any, Any]:
 
 
 def init_state(
-    model: nnx.Module, optimizer: optax.GradientTransformation, seed: int = 0, compute_dtype: Any = None
+    model: nnx.Module, optimizer: optax.GradientTransformation, seed: int = 0, compute_dtype: Any = None, accumulate: bool = True
 ) -> tuple[Any, Any, TrainState]:
     """(graphdef, frozen params, initial TrainState); only trainable params get optimizer state.
 
     `compute_dtype` (e.g. bfloat16) sets the activations' and matmuls' dtype; the parameters stay
     as stored (float32 master weights), and the gate, q head, logits and losses stay float32.
+    `accumulate=False` (for a StepConfig whose `accumulates` is False) leaves out the gradient
+    accumulator, which would stay zero: one copy of the trained parameters less in memory and in checkpoints.
     """
     if compute_dtype is not None:
         model.compute_dtype = jnp.dtype(compute_dtype).name
     graphdef, params, frozen = split_model(model)
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, params) if accumulate else None
     state = TrainState(params, optimizer.init(params), zeros, jnp.int32(0), jnp.int32(0), jax.random.key(seed))
     return graphdef, frozen, state
 
@@ -125,6 +133,11 @@ def _step(
         raise LoopusError(
             "an optax.MultiSteps (micro-batched) optimizer needs update 'per_batch'; with "
             "'per_grad_accum_supervised_losses' accumulate supervised losses with grad_accum instead"
+        )
+    if state.grad_acc is None and cfg.accumulates:
+        raise LoopusError(
+            "this step accumulates gradients (update 'per_batch' or grad_accum > 1) but the state has no "
+            "accumulator; build the state with init_state(..., accumulate=True)"
         )
     rng, sub = jax.random.split(state.rng)
     sup = supervised_mask(sub, cfg.n_recursion, cfg.n_supervision) if supervised is None else supervised
@@ -152,6 +165,12 @@ def _step(
     def supervised(carry):
         h, params, opt_state, acc, n_acc, n_upd, norm_sum = carry
         (_, (h2, losses)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, h)
+        if acc is None:  # grad_accum = 1: every loss updates. The cond (always due) keeps the update's
+            # compiled form, and so its floats, equal to a state with an (all-zero) accumulator.
+            due = n_acc + 1 == cfg.grad_accum
+            params, opt_state, norm = jax.lax.cond(due, apply, keep, params, opt_state, g)
+            n_upd = n_upd + due.astype(jnp.int32)
+            return (jax.lax.stop_gradient(h2), params, opt_state, acc, n_acc, n_upd, norm_sum + norm), losses
         acc = jax.tree.map(jnp.add, acc, g)
         n_acc = n_acc + 1
         if not per_batch:

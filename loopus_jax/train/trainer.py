@@ -282,7 +282,7 @@ def run(
     model, tok = build_model(cfg, mesh)
     scan = model.scan_layers
     optimizer = make_optimizer(cfg)
-    graphdef, frozen, state = init_state(model, optimizer, cfg.seed)
+    graphdef, frozen, state = init_state(model, optimizer, cfg.seed, accumulate=step_config(cfg).accumulates)
     del model
     docs = D.open_documents(cfg)
     data_it = iter(D.train_dataset(cfg, tok, docs=docs))
@@ -377,6 +377,7 @@ def run(
         ckpt.close()
 
     exports: dict[str, Path] = {}
+    state = state._replace(opt_state=None, grad_acc=None)  # dead from here: the exports need the parameters only
     final = _host_model(graphdef, state.params, frozen)
     import loopus_jax as lj
 
