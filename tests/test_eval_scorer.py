@@ -129,8 +129,8 @@ def test_rolling_request_sums_its_windows(base):
 
 def test_length_buckets_are_few_and_cover():
     b = length_buckets(8193)
-    assert b[0] == 16 and b[-1] == 8193 and len(b) <= 20
-    assert all(y <= 1.5 * x for x, y in zip(b, b[1:-1]))
+    assert b[:9] == [16, 20, 24, 28, 32, 40, 48, 56, 64] and b[-1] == 8193 and len(b) <= 40
+    assert all(y <= 1.25 * x for x, y in zip(b, b[1:-1]))
 
 
 # Bad inputs: one clear LoopusError naming the expected layout.

@@ -27,6 +27,7 @@ from loopus_jax.sharding import model_mesh
 
 MIN_BUCKET = 16
 MAX_ROWS = 256
+ROW_MULTIPLE = 8  # rows per batch and logit tails round up to this (fewer shapes than exact counts)
 TOKENS_PER_BATCH_CAP = 8192  # beyond this, bigger batches stop paying off (and fill memory with logits)
 
 
@@ -40,16 +41,16 @@ class Score:
 
 
 def length_buckets(max_len: int) -> list[int]:
-    """16, 24, 32, 48, 64, 96, ... (at most 1.5x padding), ending at `max_len`."""
-    out, b = [], MIN_BUCKET
-    while b < max_len:
-        out.append(b)
-        b = b * 3 // 2 if (b & (b - 1)) == 0 else (b // 3) * 4
-    return [*out, max_len]
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+    """16, 20, 24, 28, 32, 40, 48, 56, 64, 80, ... (four per octave: at most 1.25x padding), ending at
+    `max_len`. Padding is work thrown away on a compute-bound forward; a shape more costs one compile."""
+    out, base = [], MIN_BUCKET
+    while True:
+        for quarters in (4, 5, 6, 7):
+            b = base * quarters // 4
+            if b >= max_len:
+                return [*out, max_len]
+            out.append(b)
+        base *= 2
 
 
 def _available_bytes(model: nnx.Module) -> int:
@@ -163,10 +164,13 @@ class Scorer:
         plan = []
         for length in sorted(by_bucket, reverse=True):
             brows = by_bucket[length]
-            tail = min(length - 1, _pow2_at_least(max(n for r in brows for _, n in r.targets)))
+            longest = max(n for r in brows for _, n in r.targets)  # logits only where some row's continuation is
+            tail = min(length - 1, -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE)
             n = self.batch_size or auto_rows(self.model, length, tail, self.data_parallel)
-            if not self.batch_size:  # a bucket smaller than one batch pads to a power of two, not to n
-                n = min(n, _pow2_at_least(len(brows)))
+            if not self.batch_size:  # the bucket's rows split evenly over its batches: filler rows are wasted work
+                even = -(-len(brows) // -(-len(brows) // n))
+                step = min(ROW_MULTIPLE, 1 << (even - 1).bit_length())  # 1, 2, 4 for the smallest buckets
+                n = min(n, -(-even // step) * step)
             n = -(-n // self.data_parallel) * self.data_parallel
             plan += [(length, tail, n, brows[i : i + n]) for i in range(0, len(brows), n)]
         bar = progress(plan, desc="scoring", total=len(plan), unit="batch") if self.show_progress else plan

@@ -34,13 +34,14 @@ class TokenScores:
 
 
 def _logits(
-    graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, opts: Any, q_thr, eps
+    graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, opts: Any, q_thr, eps, columns: tuple[int, int] | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """(logits, exit depth, q) of a base (opts None: depth 0, q None) or looped model, inside a jitted function."""
+    """(logits, exit depth, q) of a base (opts None: depth 0, q None) or looped model, inside a jitted function;
+    logits of the `columns` (start, stop) positions only when given."""
     model = nnx.merge(graphdef, state)
     if opts is None:
-        return model(ids, mask), jnp.zeros((ids.shape[0],), jnp.int32), None
-    return model(ids, mask, opts, q_thr, eps)
+        return model(ids, mask, columns=columns), jnp.zeros((ids.shape[0],), jnp.int32), None
+    return model(ids, mask, opts, q_thr, eps, columns=columns)
 
 
 def _split_options(model: nnx.Module, options: dict) -> tuple[Any, Any, Any]:
@@ -58,9 +59,8 @@ def _split_options(model: nnx.Module, options: dict) -> tuple[Any, Any, Any]:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts", "tail", "want_last"))
 def _score(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, opts: Any, q_thr, eps, tail: int, want_last: bool):
-    logits, depth, q = _logits(graphdef, state, ids, mask, opts, q_thr, eps)
     w = tail or ids.shape[1] - 1
-    logits = logits[:, -w - 1 : -1]
+    logits, depth, q = _logits(graphdef, state, ids, mask, opts, q_thr, eps, (ids.shape[1] - w - 1, ids.shape[1] - 1))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     target = ids[:, -w:]
     lp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]

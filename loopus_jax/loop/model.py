@@ -158,8 +158,8 @@ class LoopedLM(LMEnds):
         x = (h_new - h_old)[rows, watch] if q_source == "pre_gate_last_valid" else gated[rows, watch]
         return q_head_apply(self.q_head.arrays(), x)
 
-    def decode(self, h: jax.Array, ctx: L.AttnContext, scan: bool) -> jax.Array:
-        return self.logits(L.run_layers(self.decoder.arrays(), h, ctx, self.config, scan=scan))
+    def decode(self, h: jax.Array, ctx: L.AttnContext, scan: bool, columns: tuple[int, int] | None = None) -> jax.Array:
+        return self.logits(L.run_layers(self.decoder.arrays(), h, ctx, self.config, scan=scan), columns)
 
     def watched_logits(self, h: jax.Array, ctx: L.AttnContext, watch: jax.Array, scan: bool) -> jax.Array:
         """[B, V] float32: `decode(h, ctx)[rows, watch]`, computing only what that position needs.
@@ -192,10 +192,12 @@ class LoopedLM(LMEnds):
         opts: RunOptions,
         param0: jax.Array,
         param1: jax.Array,
+        columns: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits [B,T,V] float32, exit depth [B] int32, q [B,N] float32, NaN after a sample's exit).
 
-        `param0`, `param1`: the halting criterion's parameters as `options()` returns them."""
+        `param0`, `param1`: the halting criterion's parameters as `options()` returns them. `columns`
+        (start, stop): logits of those positions only (see `logits`)."""
         h, ctx = self.encode(input_ids, attention_mask, opts.scan_layers)
         b, t = input_ids.shape
         n = opts.n_recursion
@@ -213,7 +215,7 @@ class LoopedLM(LMEnds):
         if opts.halting == "none":
             h, q_logits = jax.lax.scan(lambda c, _: step(c), h, None, length=n)
             q = jax.nn.sigmoid(q_logits).T
-            return self.decode(h, ctx, opts.scan_layers), jnp.full((b,), n, jnp.int32), q
+            return self.decode(h, ctx, opts.scan_layers, columns), jnp.full((b,), n, jnp.int32), q
 
         def cond(c):
             i, _, active, *_ = c
@@ -250,7 +252,7 @@ class LoopedLM(LMEnds):
             H.init_carry(opts.halting, b, self.config.vocab_size),
         )
         _, h, _, exit_depth, q, _ = jax.lax.while_loop(cond, body, init)
-        return self.decode(h, ctx, opts.scan_layers), exit_depth, q
+        return self.decode(h, ctx, opts.scan_layers, columns), exit_depth, q
 
 
 def loop_model(base: Any, encoder: str, decoder: str, *, n_recursion: int = 8, seed: int = 0, **loop_kwargs: Any) -> LoopedLM:

@@ -81,8 +81,11 @@ class LMEnds(nnx.Module):
     def head_weight(self) -> jax.Array:
         return self.embed[...].T if self.lm_head is None else self.lm_head[...]
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        """Final norm + lm_head; logits are float32."""
+    def logits(self, h: jax.Array, columns: tuple[int, int] | None = None) -> jax.Array:
+        """Final norm + lm_head; logits are float32. `columns` (start, stop): only those positions'
+        logits, so a caller that needs a few (task scoring) skips the vocabulary-wide matmul elsewhere."""
+        if columns is not None:
+            h = h[:, columns[0] : columns[1]]
         x = L.rms_norm(h, self.final_norm[...], self.config.rms_norm_eps)
         return jnp.einsum("btd,dv->btv", x, self.head_weight().astype(x.dtype), preferred_element_type=jnp.float32)
 
@@ -115,6 +118,7 @@ class Transformer(LMEnds):
         attention_mask: jax.Array | None = None,
         *,
         scan_layers: bool | None = None,
+        columns: tuple[int, int] | None = None,
     ) -> jax.Array:
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -122,7 +126,7 @@ class Transformer(LMEnds):
         h = self.embed_tokens(input_ids)
         scan = self.scan_layers if scan_layers is None else scan_layers
         h = L.run_layers(self.layers.arrays(), h, ctx, self.config, scan=scan)
-        return self.logits(h)
+        return self.logits(h, columns)
 
 
 @dataclasses.dataclass
