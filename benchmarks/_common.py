@@ -25,6 +25,28 @@ machine details and library versions, are in `benchmarks/results/*.json`.
 """
 
 
+def hf_offline() -> None:
+    """Keep transformers off the network and quiet (every weight here is local)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def forward_parser(doc: str, runs_help: str, out: Path):
+    """The options of the whole-forward benchmarks (forward.py, gemm_ceiling.py): shape, runs, seed, outputs."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=5, help=runs_help)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    ap.add_argument("--out", type=Path, default=out, help="JSON results path")
+    ap.add_argument("--no-md", action="store_true", help="do not update BENCHMARKS.md")
+    return ap
+
+
 def smollm2_config():
     """SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 kv heads, vocab 49152), for random-weight runs."""
     from loopus_jax.config import ModelConfig

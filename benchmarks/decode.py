@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, machine_info, machine_label, pin_to_cpus, write_section
+from _common import RESULTS, hf_offline, machine_info, machine_label, pin_to_cpus, write_section
 from forward import CpuMeter
 
 
@@ -60,8 +60,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.batches, a.depths, a.new, a.nocache_new, a.growth, a.runs, a.looped_runs = "1", "4", 32, 8, "16,32", 1, 1
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    hf_offline()
     pinning = pin_to_cpus()
 
     import numpy as np

@@ -49,7 +49,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import BENCHMARKS_MD, CPUS, RESULTS, machine_info, pin_to_cpus, write_section
+from _common import BENCHMARKS_MD, CPUS, RESULTS, forward_parser, hf_offline, machine_info, pin_to_cpus, write_section
 
 DEFAULT_OUT = RESULTS / "forward.json"
 MD_COLUMNS = [
@@ -494,22 +494,12 @@ def update_benchmarks_md(result: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--runs", type=int, default=5, help="timed runs per side (median reported)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per side before timing")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
+    ap = forward_parser(__doc__, "timed runs per side (median reported)", DEFAULT_OUT)
     ap.add_argument("--no-rss", action="store_true", help="skip the conversion peak-RSS subprocesses")
-    ap.add_argument("--no-md", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-path", help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_offline()
     if args.child:
         print(json.dumps(child(args.child, args.child_path)))
         return

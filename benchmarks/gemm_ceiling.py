@@ -42,7 +42,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import BENCHMARKS_MD, CPUS, RESULTS, machine_info, median_time, pin_to_cpus, write_section
+from _common import (
+    BENCHMARKS_MD,
+    CPUS,
+    RESULTS,
+    forward_parser,
+    hf_offline,
+    machine_info,
+    median_time,
+    pin_to_cpus,
+    write_section,
+)
 
 DEFAULT_OUT = RESULTS / "gemm_ceiling.json"
 TITLE = "## GEMM ceiling (issue 3's forward target)"
@@ -600,25 +610,15 @@ def update_benchmarks_md(result: dict, tables: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--runs", type=int, default=5, help="timed runs per GEMM and per whole forward (median reported)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    ap = forward_parser(__doc__, "timed runs per GEMM and per whole forward (median reported)", DEFAULT_OUT)
     ap.add_argument("--square", type=int, default=2048, help="side of the square best-case GEMM")
     ap.add_argument("--flag-runs", type=int, default=3, help="timed forwards per XLA flag setting")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     ap.add_argument("--no-flags", action="store_true", help="skip the XLA flag subprocesses")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
-    ap.add_argument("--no-md", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--flag-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--save-logits", help=argparse.SUPPRESS)
     ap.add_argument("--ref-logits", help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_offline()
     if args.flag_child:
         import loopus_jax
 

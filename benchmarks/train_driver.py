@@ -48,7 +48,7 @@ def main() -> None:
     from loopus_jax.train.checkpoint import Checkpointer
     from loopus_jax.train.config import load_config
     from loopus_jax.train.metrics import read_jsonl
-    from loopus_jax.train.step import init_state, place_batch, train_step
+    from loopus_jax.train.step import init_state, shard_global_batch, train_step
     from loopus_jax.train.trainer import make_optimizer, step_config
 
     gguf = lj.default_model_path()
@@ -95,7 +95,8 @@ def main() -> None:
     def bare_step() -> None:
         b = batches[holder["i"] % len(batches)]
         holder["i"] += 1
-        holder["state"], losses, _, _ = train_step(graphdef, frozen, holder["state"], place_batch(b, mesh), opt, scfg, True)
+        placed = shard_global_batch(b, mesh)
+        holder["state"], losses, _, _ = train_step(graphdef, frozen, holder["state"], placed, opt, scfg, True)
         jax.device_get(losses.total)  # the driver fetches every step's losses too
 
     def driver(update_norm: bool, rep: int) -> float:

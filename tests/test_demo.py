@@ -5,13 +5,11 @@ report agree with independent recomputations, and a second run resumes the finis
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_hf
-from test_train_data import word_tokenizer, words
+from test_train_data import word_model, word_tokenizer
 
 import loopus_jax as lj
 from loopus_jax.demo import DemoSettings, run_demo
@@ -35,12 +33,7 @@ SETTINGS = DemoSettings(
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    model_dir, torch_model = make_tiny_hf("llama", root / "model", num_hidden_layers=4)
-    word_tokenizer().save_pretrained(model_dir)
-    rng = random.Random(0)
-    docs = [words(rng.randrange(3, 92) for _ in range(rng.randrange(5, 20))) for _ in range(80)]
-    data = root / "text.txt"
-    data.write_text("\n\n".join(docs) + "\n")
+    model_dir, torch_model, data = word_model(root, layers=4, n_docs=80, doc_words=(5, 20), first_word=3, name="text.txt")
     out = root / "out"
     rep = run_demo(out, data=data, model_path=model_dir, settings=SETTINGS)
     return out, rep, model_dir, torch_model, data

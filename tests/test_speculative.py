@@ -18,7 +18,7 @@ import pytest
 from conftest import make_tiny_hf
 from flax import nnx
 from scipy.stats import chi2
-from test_decode import N, _cli, base, batch, looped, tiny_checkpoint  # noqa: F401  (fixtures)
+from test_decode import N, _cli, _rows, base, batch, looped, tiny_checkpoint  # noqa: F401  (fixtures)
 from test_loop import _randomize
 
 import loopus_jax as lj
@@ -33,10 +33,6 @@ from loopus_jax.models.transformer import Transformer
 
 NEW = 12
 SPEC = {"draft_depth": 2, "draft_tokens": 3}
-
-
-def _rows(ids, mask):
-    return [ids[b][mask[b].astype(bool)][None] for b in range(ids.shape[0])]
 
 
 def _assert_same_output(spec, plain):
@@ -61,7 +57,7 @@ def test_greedy_equals_plain_decoding(looped, batch):  # noqa: F811
     # plain output is its row of the batch: test_decode checks batch == each prompt alone.)
     drafted = accepted = 0
     for b, row in enumerate(_rows(ids, mask)):
-        spec = lj.generate(looped, row, speculative=SPEC, stop_tokens=[], **common)
+        spec = lj.generate(looped, row[None], speculative=SPEC, stop_tokens=[], **common)
         np.testing.assert_array_equal(spec.tokens[0], plain.tokens[b])
         np.testing.assert_allclose(spec.logits[0], plain.logits[b], atol=1e-5)
         drafted, accepted = drafted + spec.timings["drafted"], accepted + spec.timings["accepted"]

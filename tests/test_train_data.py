@@ -8,6 +8,7 @@ array is written down by hand from the documents.
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 
@@ -53,6 +54,21 @@ def word_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
 
 def words(ix) -> str:
     return " ".join(f"w{i}" for i in ix)
+
+
+def word_model(root: Path, layers: int, n_docs: int, doc_words: tuple[int, int], first_word: int = 0, name: str = "docs.txt"):
+    """A tiny random Llama (conftest's) saved with the word tokenizer, plus `n_docs` random documents of
+    `doc_words` words (from `w<first_word>` up) in one blank-line-separated text file.
+    Returns (model dir, its torch model, text file)."""
+    from conftest import make_tiny_hf
+
+    model_dir, torch_model = make_tiny_hf("llama", root / "model", num_hidden_layers=layers)
+    word_tokenizer().save_pretrained(model_dir)
+    rng = random.Random(0)
+    n_words = len(WORDS) - len(SPECIAL)
+    docs = [words(rng.randrange(first_word, n_words) for _ in range(rng.randrange(*doc_words))) for _ in range(n_docs)]
+    (root / name).write_text("\n\n".join(docs) + "\n")
+    return model_dir, torch_model, root / name
 
 
 def write_docs(path: Path, docs: list[str], kind: str = "jsonl") -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,9 +20,8 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from conftest import make_tiny_hf
 from flax import nnx
-from test_train_data import word_tokenizer, words
+from test_train_data import word_model
 
 import loopus_jax as lj
 from loopus_jax import LoopusError
@@ -33,7 +31,7 @@ from loopus_jax.train import data as D
 from loopus_jax.train.config import load_config
 from loopus_jax.train.distributed import Plan, plan
 from loopus_jax.train.metrics import read_jsonl
-from loopus_jax.train.step import StepConfig, adamw, init_state, place_batch, train_step
+from loopus_jax.train.step import StepConfig, adamw, init_state, shard_global_batch, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "train").glob("*.yaml"))
@@ -156,12 +154,8 @@ N_STEPS = 8
 def tiny(tmp_path_factory):
     """(root, model dir with tokenizer, data file, shared compile cache)."""
     root = tmp_path_factory.mktemp("trainer")
-    model_dir, _ = make_tiny_hf("llama", root / "model", num_hidden_layers=3)
-    word_tokenizer().save_pretrained(model_dir)
-    rng = random.Random(0)
-    docs = [words(rng.randrange(92) for _ in range(rng.randrange(3, 20))) for _ in range(48)]
-    (root / "docs.txt").write_text("\n\n".join(docs) + "\n")
-    return root, model_dir, root / "docs.txt", root / "jax_cache"
+    model_dir, _, docs = word_model(root, layers=3, n_docs=48, doc_words=(3, 20))
+    return root, model_dir, docs, root / "jax_cache"
 
 
 def write_config(tiny, name: str) -> Path:
@@ -283,7 +277,8 @@ def test_metrics_lines_equal_a_replay_of_the_train_step(tiny, reference):
         for line in train:
             batch = next(batches)
             before = jax.tree.map(np.asarray, state.params)
-            state, losses, sup, gn = train_step(graphdef, frozen, state, place_batch(batch, mesh), opt, StepConfig(3, 2), True)
+            placed = shard_global_batch(batch, mesh)
+            state, losses, sup, gn = train_step(graphdef, frozen, state, placed, opt, StepConfig(3, 2), True)
             sup = np.asarray(sup)
             idx = np.flatnonzero(sup)
             assert line["supervised"] == idx.tolist()

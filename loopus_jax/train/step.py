@@ -225,7 +225,7 @@ def train_step(
     return _step(graphdef, frozen, state, batch, optimizer, cfg, scan, supervised)
 
 
-def place_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+def shard_global_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     """Host batch -> global arrays split over the mesh's data and fsdp axes.
 
     On one process `batch` is the whole batch; on several (multi-host) it is this process's rows,
@@ -292,7 +292,7 @@ class ShardedStep:
         """(new state, StepLosses [N], supervised mask [N], gradient norm) as `train_step` returns them;
         `batch` as numpy (placed here) or global arrays."""
         if not all(isinstance(v, jax.Array) and isinstance(v.sharding, NamedSharding) for v in batch.values()):
-            batch = place_batch(batch, self.mesh)
+            batch = shard_global_batch(batch, self.mesh)
         key = tuple(sorted((k, v.shape) for k, v in batch.items()))
         if key not in self._compiled:
             self._compiled[key] = self._jit(frozen, state, batch)

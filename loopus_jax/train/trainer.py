@@ -32,7 +32,7 @@ from loopus_jax.train.checkpoint import Checkpointer
 from loopus_jax.train.config import RUN_DEFINING, TrainConfig, check_paths, load_config
 from loopus_jax.train.losses import IGNORE, StepLosses
 from loopus_jax.train.metrics import MetricsLog, plot, read_jsonl, train_record
-from loopus_jax.train.step import ShardedStep, StepConfig, TrainState, adamw, init_state, micro_batched, place_batch
+from loopus_jax.train.step import ShardedStep, StepConfig, TrainState, adamw, init_state, micro_batched, shard_global_batch
 
 
 @dataclasses.dataclass
@@ -122,7 +122,7 @@ def _build_step(
 ) -> tuple[Callable[[TrainState, dict], tuple[TrainState, StepLosses, jax.Array, jax.Array]], Any, TrainState]:
     """(fn(state, batch) -> (state, StepLosses [N], supervised mask [N], gradient norm), frozen,
     state): the one call of the train step, compiled with explicit shardings on the mesh; frozen and
-    state are returned placed on those shardings. `batch`: host rows or `place_batch`'s global arrays."""
+    state are returned placed on those shardings. `batch`: host rows or `shard_global_batch`'s global arrays."""
     step = ShardedStep(graphdef, optimizer, cfg, mesh, scan)
     frozen, state = step.place(frozen, state)
 
@@ -165,7 +165,7 @@ def validate(model: nnx.Module, rows: dict[str, np.ndarray], depths: list[int], 
     """Perplexity of the held-out rows at each recursion depth: exp(total NLL / scored tokens),
     scoring the labelled next tokens exactly as the training loss does."""
     import loopus_jax as lj
-    from loopus_jax.api import place_batch as place_rows
+    from loopus_jax.api import place_batch
 
     n = len(rows["input_ids"])
     out: dict[str, Any] = {"tokens": 0, "nll": {}, "ppl": {}}
@@ -177,7 +177,7 @@ def validate(model: nnx.Module, rows: dict[str, np.ndarray], depths: list[int], 
             if real < batch_size:  # one compiled shape: fill with copies of the first row, not scored
                 chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - real, 0)]) for k, v in chunk.items()}
             logits = lj.forward(model, chunk["input_ids"], chunk["attention_mask"], n_recursion=d).logits
-            labels, keep = place_rows(model, chunk["labels"], np.arange(batch_size) < real)  # as forward places the ids
+            labels, keep = place_batch(model, chunk["labels"], np.arange(batch_size) < real)  # as forward places the ids
             nll, cnt = _batch_nll(logits, labels, keep)
             total += float(nll)
             count += int(cnt)
@@ -354,7 +354,7 @@ def run(
     try:
         for i in bar:
             step = i + 1
-            batch = place_batch(next(data_it), mesh)
+            batch = shard_global_batch(next(data_it), mesh)
             tokens = _token_count(batch["attention_mask"])
             before = _copy(state.params) if cfg.log.update_norm else None
             state, losses, sup, grad_norm = step_fn(state, batch)
