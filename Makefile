@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/speculative.py
 	$(PY) benchmarks/gemm_ceiling.py
 	$(PY) benchmarks/vs_reference.py $(if $(REFERENCE_REPO),--reference-repo $(REFERENCE_REPO)) $(if $(REFERENCE_PYTHON),--reference-python $(REFERENCE_PYTHON))
+	$(if $(REFERENCE_REPO),$(PY) benchmarks/ceilings.py)
 
 # docs/cli.md is generated from the parser (a test checks it is current).
 docs: $(STAMP)
