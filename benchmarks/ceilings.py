@@ -22,23 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
-from _common import RESULTS, machine_info, machine_label, pin_to_cpus, smollm2_config, write_section
+from _common import RESULTS, machine_info, machine_label, median_time, pin_to_cpus, smollm2_config, write_section
 
 SPLIT = (2, 27, 1)  # vs_reference.py's SmolLM2 split: encoder 0..1, reasoning 2..28, decoder 29
 
 
 def _median_rate(fn, work: float, runs: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return work / statistics.median(times)
+    return work / median_time(fn, runs, warmup=1)[0]
 
 
 def measure_ceilings() -> dict:
