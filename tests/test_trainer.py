@@ -418,3 +418,16 @@ def test_no_gradient_accumulator_when_every_supervised_loss_updates(tiny, refere
         with pytest.raises(LoopusError, match="accumulator"):
             train_step(graphdef, frozen, state, batch, opt, cfg)
     assert not StepConfig(3, 2).accumulates
+
+
+def test_compile_cache_stays_off_on_cpu(tmp_path, caplog):
+    """jaxlib 0.10 crashed serializing CPU executables into the persistent cache: on CPU it is not used."""
+    from loopus_jax.train.trainer import use_compile_cache
+
+    assert jax.default_backend() == "cpu"
+    use_compile_cache(tmp_path / "cache")
+    try:
+        assert jax.config.jax_compilation_cache_dir is None
+        assert "not used on CPU" in caplog.text
+    finally:
+        use_compile_cache(None)

@@ -193,9 +193,18 @@ def validate(model: nnx.Module, rows: dict[str, np.ndarray], depths: list[int], 
 
 def use_compile_cache(directory: str | Path | None) -> None:
     """Point JAX's persistent compilation cache at `directory` (None: off), effective at once even
-    in a process that has compiled before; compiles over half a second are stored."""
+    in a process that has compiled before; compiles over half a second are stored.
+
+    On the CPU backend the cache stays off: jaxlib 0.10 crashed (abort, then segfault) serializing a
+    CPU train-step executable in our test suite, and CPU entries can be rejected on reload anyway
+    (jax-ml/jax#38445). A CPU run recompiles at start instead."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
+    if directory is not None and jax.default_backend() == "cpu":
+        import logging
+
+        logging.getLogger(__name__).warning("compile_cache %s is not used on CPU (see use_compile_cache)", directory)
+        directory = None
     jax.config.update("jax_compilation_cache_dir", None if directory is None else str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     cc.reset_cache()
