@@ -62,28 +62,41 @@ def _naive(model, pairs, max_length, **options):
 
 
 def _pairs(vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
-    """Mixed lengths: short, long (beyond max_length 64: left-truncated), shared-context one-token choices."""
+    """Mixed lengths: short, long (beyond max_length 64: left-truncated), shared-context one-token choices,
+    and contexts with several multi-token continuations (packed into one row where each row runs to a
+    fixed depth): one whose segments overflow max_length (two rows), one of a single token (no shared prefix)."""
     rng = random.Random(seed)
     tok = lambda n: [rng.randrange(3, vocab) for _ in range(n)]
     pairs = [(tok(rng.randint(1, 90)), tok(rng.randint(1, 20))) for _ in range(22)]
     shared = tok(40)
     pairs += [(shared, [t]) for t in tok(4)]  # MMLU-like: one forward pass serves all four
     pairs += [(tok(3), tok(64))]  # a continuation of exactly max_length tokens
+    many = tok(20)
+    pairs += [(many, c) for c in (tok(5), tok(12), tok(1), tok(30), tok(9))]  # 19 + 57 > 64 tokens: two rows
+    one = tok(1)
+    pairs += [(one, tok(7)), (one, tok(2))]
     return pairs
 
 
-@pytest.mark.parametrize("which", ["base", "looped_halting"])
+@pytest.mark.parametrize("which", ["base", "looped_halting", "looped_fixed"])
 def test_bucketed_batches_equal_one_request_at_a_time(base, looped, which):
     model, tok = base if which == "base" else looped
     options = {} if which == "base" else {"n_recursion": 3, "halting": "threshold", "q_threshold": 0.5}
+    if which == "looped_fixed":
+        options = {"n_recursion": 2, "halting": "none"}
     pairs = _pairs(model.config.vocab_size)
     if which != "base":  # fewer length buckets (compiles) for the slower looped model; the base run covers them all
-        pairs = [(c[-30:], k[:10]) for c, k in pairs[::2]]
+        pairs = [(c[-30:], k[:10]) for c, k in pairs[:26:2] + pairs[26:]]
     ctx = pairs[0][0][-30:]  # a continuation that is the model's own argmax, so is_greedy is True once
     pairs.append((ctx, [int(lj.forward(model, np.array([ctx]), **options).logits[0, -1].argmax())]))
     want = _naive(model, pairs, 64, **options)
     # Rows per bucket chosen for the memory (base), or a fixed 3 that leaves partial batches (looped).
-    got = Scorer(model, tok, batch_size=None if which == "base" else 3, show_progress=False, **options).score_pairs(pairs)
+    scorer = Scorer(model, tok, batch_size=None if which == "base" else 3, show_progress=False, **options)
+    got = scorer.score_pairs(pairs)
+    packed = [len(r.pairs) for r in scorer._rows(pairs) if not r.last_only and len(r.pairs) > 1]
+    # Packed rows: the 20-token context's five continuations (in two rows where they overflow max_length,
+    # one where they are cut to 10 tokens), the one-token context's two in one; none under halting.
+    assert sorted(packed) == {"base": [2, 2, 3], "looped_halting": [], "looped_fixed": [2, 5]}[which]
     for (ll, greedy, depth), s in zip(want, got):
         assert s.loglikelihood == pytest.approx(ll, abs=1e-4)
         assert s.is_greedy == greedy

@@ -22,9 +22,10 @@ from loopus_jax.errors import LoopusError
 @dataclasses.dataclass
 class TokenScores:
     """Host arrays. `logprobs[:, j]` / `greedy[:, j]` score the token at column `T - W + j` given the
-    columns before it (W = `tail`, or T - 1); `exit_depth` [B] and `q` [B, N] (the q head's confidence at
+    columns before it (W = `tail`, or T - 1), or with `targets`, `targets[:, j]` given the columns up to
+    `T - W + j`; `exit_depth` [B] and `q` [B, N] (the q head's confidence at
     each depth, NaN after a row's exit, as `forward` gives it) are None for base models; `last_logprobs`
-    [B, V] is the full log-softmax at column T - 2 (the last input column) when asked for."""
+    [B, V] is the full log-softmax at the last scored column (T - 2 without `targets`, T - 1 with) when asked for."""
 
     logprobs: np.ndarray
     greedy: np.ndarray
@@ -58,28 +59,47 @@ def _split_options(model: nnx.Module, options: dict) -> tuple[Any, Any, Any]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts", "tail", "want_last"))
-def _score(graphdef: Any, state: Any, ids: jax.Array, mask: jax.Array, opts: Any, q_thr, eps, tail: int, want_last: bool):
-    w = tail or ids.shape[1] - 1
-    logits, depth, q = _logits(graphdef, state, ids, mask, opts, q_thr, eps, (ids.shape[1] - w - 1, ids.shape[1] - 1))
+def _score(graphdef: Any, state: Any, ids, mask, targets, opts: Any, q_thr, eps, tail: int, want_last: bool):
+    t = ids.shape[1]
+    if targets is None:  # each column predicts the next: the last column is a target only
+        w = tail or t - 1
+        columns, target = (t - w - 1, t - 1), ids[:, -w:]
+    else:  # each of the last W columns predicts its own target (packed rows)
+        w = targets.shape[1]
+        columns, target = (t - w, t), targets
+    logits, depth, q = _logits(graphdef, state, ids, mask, opts, q_thr, eps, columns)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    target = ids[:, -w:]
     lp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(logits, axis=-1) == target
     return lp, greedy, depth, (logp[:, -1] if want_last else None), q
 
 
 def score_tokens(
-    model: nnx.Module, input_ids: Any, attention_mask: Any = None, *, tail: int | None = None, want_last: bool = False, **options
+    model: nnx.Module,
+    input_ids: Any,
+    attention_mask: Any = None,
+    *,
+    tail: int | None = None,
+    targets: Any = None,
+    want_last: bool = False,
+    **options,
 ) -> TokenScores:
     """Log-probs of the last `tail` tokens of each row (all but the first when None) in one jitted call.
 
+    With `targets` [B, W], column `T - W + j` is scored against `targets[:, j]` instead (rows whose
+    tokens are not one sequence: packed continuations, see `make_context`); `tail` is then W.
     Each distinct (shape, tail, options) compiles once. Entries whose target or context is padding are
     meaningless; callers mask them.
     """
     ids, mask = place_batch(model, *check_batch(model, input_ids, attention_mask))
+    if targets is not None:
+        targets = np.asarray(targets, np.int32)
+        if targets.ndim != 2 or targets.shape[0] != ids.shape[0] or not 1 <= targets.shape[1] <= ids.shape[1]:
+            raise LoopusError(f"targets must be [batch, W] with 1 <= W <= {ids.shape[1]}, got {list(targets.shape)}")
+        (targets,) = place_batch(model, targets)
     graphdef, state = nnx.split(model)
     opts, q_thr, eps = _split_options(model, options)
-    lp, greedy, depth, last, q = _score(graphdef, state, ids, mask, opts, q_thr, eps, tail or 0, want_last)
+    lp, greedy, depth, last, q = _score(graphdef, state, ids, mask, targets, opts, q_thr, eps, tail or 0, want_last)
     return TokenScores(
         np.asarray(lp),
         np.asarray(greedy),

@@ -34,15 +34,24 @@ class AttnContext:
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """Position ids that start at 0 on each row's first real token (padding-invariant)."""
-    pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+    """Position ids that start at 0 on each row's first real token (padding-invariant).
+
+    Mask values above 1 mark packed segments (see `make_context`): each segment's positions continue
+    from the shared tokens before it, as if it followed them alone.
+    """
+    m = attention_mask.astype(jnp.int32)
+    shared = jnp.cumsum(m == 1, axis=-1)  # shared tokens up to and including each column
+    t = jnp.arange(m.shape[-1])
+    new_run = jnp.concatenate([jnp.ones_like(m[:, :1], bool), m[:, 1:] != m[:, :-1]], axis=-1)
+    run_start = jax.lax.cummax(jnp.where(new_run, t, 0), axis=m.ndim - 1)
+    pos = jnp.where(m > 1, shared + (t - run_start), shared - 1)
     return jnp.maximum(pos, 0)
 
 
 def last_valid_index(attention_mask: jax.Array) -> jax.Array:
     """Each row's last real position, for any padding (the authors take count - 1: right padding only)."""
     t = attention_mask.shape[1]
-    return (t - 1) - jnp.argmax(attention_mask[:, ::-1], axis=-1)
+    return (t - 1) - jnp.argmax(attention_mask[:, ::-1] != 0, axis=-1)
 
 
 def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -62,7 +71,10 @@ def make_context(
     """Causal + padding (+ sliding window) mask and RoPE tables for a [B, T] batch.
 
     `key_mask`/`key_positions` describe the keys when they differ from the queries (a KV cache);
-    by default the keys are the queries themselves.
+    by default the keys are the queries themselves. Mask values: 0 padding, 1 a token every later
+    token sees, k > 1 a packed segment (a run of equal values after the shared tokens) that sees the
+    shared tokens and itself only: several continuations of one context score in one row, each as if
+    alone (`positions_from_mask` restarts its positions after the shared tokens).
     """
     if positions is None:
         positions = positions_from_mask(attention_mask)
@@ -79,6 +91,8 @@ def make_context(
         # Same positions can repeat on left-padded rows (all pads sit at 0): order by index too.
         t = attention_mask.shape[1]
         allowed &= jnp.tril(jnp.ones((t, t), bool))[None]
+        seg = attention_mask.astype(jnp.int32)
+        allowed &= (seg[:, None, :] <= 1) | (seg[:, None, :] == seg[:, :, None])
     return AttnContext(cos, sin, allowed[:, None], self_causal)
 
 
