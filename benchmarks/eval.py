@@ -11,7 +11,10 @@ include tokenization. Documents/s are medians of --runs timed runs after one war
 warm-up compiles). acc / acc_norm come from each side's log-likelihoods through the same metric code
 and must agree.
 
-    python benchmarks/eval.py [--data-dir ../shared/data] [--docs 500] [--runs 2] [--hf-batches 1,16]
+    python benchmarks/eval.py [--data-dir ../shared/data] [--task T] [--docs 500] [--runs 2] [--hf-batches 1,16]
+
+`--task` measures another task (results in `eval_T.json`): ARC-Challenge's four choices share their
+question as HellaSwag's four endings share their context, which our scorer packs into one row.
 
 Full-split zero-shot scores are long runs of `loopus eval tasks --model default --tasks T --data-dir D --out DIR/T`
 (one task per run); `--collect DIR` turns their results.json files into the BENCHMARKS.md section.
@@ -69,10 +72,11 @@ def accuracy(task, docs, lls: list[float]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--task", help="task to measure (default: HellaSwag, else the first present fallback)")
     ap.add_argument("--docs", type=int, default=500)
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--hf-batches", default="1,16", help="lm-eval HF batch sizes to measure (1 is its default)")
-    ap.add_argument("--out", default=str(RESULTS / "eval.json"))
+    ap.add_argument("--out", help="result JSON (default: results/eval.json, results/eval_T.json with --task T)")
     ap.add_argument("--collect", help="folder of `loopus eval tasks --out` runs (one subfolder per task) to tabulate")
     a = ap.parse_args()
     if a.collect:
@@ -92,7 +96,10 @@ def main() -> None:
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     data = Path(a.data_dir)
-    name, note = pick_task(data)
+    name, note = (a.task, "") if a.task else pick_task(data)
+    if name not in TASKS:
+        raise SystemExit(f"unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
+    out = Path(a.out) if a.out else RESULTS / ("eval.json" if not a.task else f"eval_{name}.json")
     if note:
         print(note)
     task = TASKS[name]
@@ -111,6 +118,12 @@ def main() -> None:
         f"ours: {len(docs) / ours_s:.2f} docs/s (runs {[round(t, 1) for t in ours_times]} s, first with compile {first:.1f} s)",
         flush=True,
     )
+    # What packing a context's continuations into one row gives: the same scorer with every pair in its own row.
+    unpacked = Scorer(model, tok, show_progress=False, pack=False)
+    unpacked.score(reqs)
+    flat_s, flat_times, flat_scores, flat_cpu = timed(lambda: unpacked.score(reqs), a.runs)
+    pack_diff = max(abs(x.loglikelihood - y) for x, y in zip(flat_scores, ours_ll))
+    print(f"ours, unpacked: {len(docs) / flat_s:.2f} docs/s (packing: {flat_s / ours_s:.2f}x, max |ll diff| {pack_diff:.1e})")
 
     hf_rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,6 +167,14 @@ def main() -> None:
             "accuracy": ours_acc,
             **ours_cpu,
         },
+        "ours_unpacked": {
+            "median_s": flat_s,
+            "times_s": flat_times,
+            "docs_per_s": len(docs) / flat_s,
+            "packing_speedup": flat_s / ours_s,
+            "max_abs_ll_diff_vs_packed": pack_diff,
+            **flat_cpu,
+        },
         "hf": {},
         "machine": info,
     }
@@ -192,15 +213,17 @@ def main() -> None:
     for r in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     print(f"ours: first run with compilation {first:.1f} s")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     write_section(
         "## task scoring (SmolLM2-135M, float32, CPU): ours vs lm-eval's HF backend",
         f"`python benchmarks/eval.py --docs {a.docs} --runs {a.runs}`: the same (context, continuation) requests "
         "(lm-eval's prompts) scored by our jitted bucketed scorer and by lm-eval 0.4.13's `HFLM.loglikelihood` (torch, "
         f"same weights via our HF export, same 2 pinned cores); median of {a.runs} timed runs after a warm-up, "
         "tokenization included. Ratio = ours / HF docs/s. acc from each side's log-likelihoods through the same metric "
-        "code. " + (note + ". " if note else "") + "Details: `benchmarks/results/eval.json`.",
+        "code. " + (note + ". " if note else "") + f"Latest run ({name}): ours {len(docs) / ours_s:.2f} docs/s with a context's "
+        f"continuations packed into one row, {len(docs) / flat_s:.2f} without (each pair its own row; packing "
+        f"{flat_s / ours_s:.2f}x). Details: `benchmarks/results/{out.name}`.",
         [
             "date",
             "machine",

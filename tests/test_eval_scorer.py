@@ -274,3 +274,22 @@ def test_scoring_on_a_data_parallel_mesh_matches_one_device(tmp_path, model_dir,
     res = json.loads((tmp_path / "res.json").read_text())
     assert res["devices"] == 4
     np.testing.assert_allclose(res["mesh"], res["single"], atol=1e-4)
+
+
+def test_packed_segments_positions_and_visibility_by_hand(base):
+    """Mask values > 1 mark packed segments: each restarts its positions after the shared tokens and sees
+    only the shared tokens and itself (the same values written out by hand)."""
+    from loopus_jax.models import layers as L
+
+    mask = np.array([[0, 0, 1, 1, 1, 2, 2, 3, 3, 3], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]], np.int32)
+    np.testing.assert_array_equal(
+        np.asarray(L.positions_from_mask(mask)), [[0, 0, 0, 1, 2, 3, 4, 3, 4, 5], list(range(10))]
+    )
+    seen = np.asarray(L.make_context(base[0].config, mask).mask)[0, 0]
+    want = np.zeros((10, 10), bool)
+    for q, keys in {2: [2], 3: [2, 3], 4: [2, 3, 4], 5: [2, 3, 4, 5], 6: [2, 3, 4, 5, 6]}.items():
+        want[q, keys] = True
+    for q in (7, 8, 9):
+        want[q, [2, 3, 4, *range(7, q + 1)]] = True
+    np.testing.assert_array_equal(seen, want)
+    np.testing.assert_array_equal(np.asarray(L.last_valid_index(mask)), [9, 9])
