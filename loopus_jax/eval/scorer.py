@@ -27,7 +27,7 @@ from flax import nnx
 
 from loopus_jax.errors import LoopusError
 from loopus_jax.eval.requests import Encoder, Loglikelihood, Request, Rolling
-from loopus_jax.eval.scoring import score_tokens
+from loopus_jax.eval.scoring import quarter_octave, score_tokens
 from loopus_jax.progress import progress
 from loopus_jax.sharding import model_mesh
 
@@ -49,14 +49,10 @@ class Score:
 def length_buckets(max_len: int) -> list[int]:
     """16, 20, 24, 28, 32, 40, 48, 56, 64, 80, ... (four per octave: at most 1.25x padding), ending at
     `max_len`. Padding is work thrown away on a compute-bound forward; a shape more costs one compile."""
-    out, base = [], MIN_BUCKET
-    while True:
-        for quarters in (4, 5, 6, 7):
-            b = base * quarters // 4
-            if b >= max_len:
-                return [*out, max_len]
-            out.append(b)
-        base *= 2
+    out = [MIN_BUCKET]
+    while out[-1] < max_len:
+        out.append(quarter_octave(out[-1] + 1))
+    return [*out[:-1], max_len] if out[-1] > max_len or len(out) == 1 else out
 
 
 def _available_bytes(model: nnx.Module) -> int:
@@ -187,9 +183,8 @@ class Scorer:
             n = -(-n // self.data_parallel) * self.data_parallel
             plan += [(length, tail, n, brows[i : i + n]) for i in range(0, len(brows), n)]
         bar = progress(plan, desc="scoring", total=len(plan), unit="batch") if self.show_progress else plan
-        shared = any(r.last_only for r in rows)  # one compiled variant per call, not per batch
         for length, tail, n, chunk in bar:
-            self._run(chunk, length, tail, n, shared, pairs, out)
+            self._run(chunk, length, tail, n, pairs, out)
         return out  # type: ignore[return-value]
 
     # Internals ------------------------------------------------------------------------------------
@@ -238,17 +233,19 @@ class Scorer:
         rows.sort(key=lambda r: (-len(r.tokens), tuple(r.tokens)))
         return rows
 
-    def _run(self, chunk: list[_Row], length: int, tail: int, n: int, shared: bool, pairs, out: list) -> None:
+    def _run(self, chunk: list[_Row], length: int, tail: int, n: int, pairs, out: list) -> None:
         ids = np.zeros((n, length), np.int32)
         mask = np.zeros((n, length), np.int32)
-        targets = np.zeros((n, tail), np.int32)
+        targets = np.full((n, tail), -1, np.int32)  # -1: not scored
         for r, row in enumerate(chunk):
             ids[r, length - len(row.tokens) :] = row.tokens
             mask[r, length - len(row.tokens) :] = row.segments
             targets[r, tail - len(row.targets) :] = row.targets
-        for r in range(len(chunk), n):  # filler rows keep the compiled shape; their scores are dropped
-            ids[r], mask[r], targets[r] = ids[0], mask[0], targets[0]
-        s = score_tokens(self.model, ids, mask, targets=targets, want_last=shared, **self.options)
+        for r in range(len(chunk), n):  # filler rows keep the compiled shape; nothing in them is scored
+            ids[r], mask[r] = ids[0], mask[0]
+        # Batches with one-token rows need the last column's whole distribution (a variant compiled apart).
+        last_only = any(r.last_only for r in chunk)
+        s = score_tokens(self.model, ids, mask, targets=targets, want_last=last_only, **self.options)
         lp = s.logprobs.astype(np.float64)
         for r, row in enumerate(chunk):
             depth = None if s.exit_depth is None else float(s.exit_depth[r])

@@ -21,7 +21,7 @@ from loopus_jax.loop import criteria
 from loopus_jax.loop import halting as H
 from loopus_jax.loop.gate import QHead, SelectiveGate, gate_apply, q_head_apply
 from loopus_jax.models import layers as L
-from loopus_jax.models.transformer import LayerStack, LMEnds, _init, param_dtype
+from loopus_jax.models.transformer import Columns, LayerStack, LMEnds, _init, param_dtype
 
 Q_SOURCES = ("pre_gate_last_valid", "post_gate_last")
 REMAT_POLICIES = {
@@ -158,7 +158,7 @@ class LoopedLM(LMEnds):
         x = (h_new - h_old)[rows, watch] if q_source == "pre_gate_last_valid" else gated[rows, watch]
         return q_head_apply(self.q_head.arrays(), x)
 
-    def decode(self, h: jax.Array, ctx: L.AttnContext, scan: bool, columns: tuple[int, int] | None = None) -> jax.Array:
+    def decode(self, h: jax.Array, ctx: L.AttnContext, scan: bool, columns: Columns | None = None) -> jax.Array:
         return self.logits(L.run_layers(self.decoder.arrays(), h, ctx, self.config, scan=scan), columns)
 
     def watched_logits(self, h: jax.Array, ctx: L.AttnContext, watch: jax.Array, scan: bool) -> jax.Array:
@@ -192,7 +192,7 @@ class LoopedLM(LMEnds):
         opts: RunOptions,
         param0: jax.Array,
         param1: jax.Array,
-        columns: tuple[int, int] | None = None,
+        columns: Columns | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(logits [B,T,V] float32, exit depth [B] int32, q [B,N] float32, NaN after a sample's exit).
 

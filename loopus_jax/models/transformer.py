@@ -18,6 +18,9 @@ from flax import nnx
 from loopus_jax.config import ModelConfig
 from loopus_jax.models import layers as L
 
+# Which positions get logits: (start, stop) of every row, or (rows, cols) index arrays (see `LMEnds.logits`).
+Columns = tuple[int, int] | tuple[jax.Array, jax.Array]
+
 
 def stack_spec(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
     """Per-layer parameter name -> (shape without the layer axis, logical axes, init kind)."""
@@ -81,11 +84,14 @@ class LMEnds(nnx.Module):
     def head_weight(self) -> jax.Array:
         return self.embed[...].T if self.lm_head is None else self.lm_head[...]
 
-    def logits(self, h: jax.Array, columns: tuple[int, int] | None = None) -> jax.Array:
-        """Final norm + lm_head; logits are float32. `columns` (start, stop): only those positions'
-        logits, so a caller that needs a few (task scoring) skips the vocabulary-wide matmul elsewhere."""
+    def logits(self, h: jax.Array, columns: Columns | None = None) -> jax.Array:
+        """Final norm + lm_head; logits are float32. `columns` (start, stop) ints: only those positions'
+        logits, so a caller that needs a few (task scoring) skips the vocabulary-wide matmul elsewhere;
+        (rows, cols) int arrays [P]: the P positions `(rows[i], cols[i])` as one row [1, P, V] (a ragged
+        set of positions per row)."""
         if columns is not None:
-            h = h[:, columns[0] : columns[1]]
+            start, stop = columns
+            h = h[:, start:stop] if isinstance(start, int) else h[start, stop][None]
         x = L.rms_norm(h, self.final_norm[...], self.config.rms_norm_eps)
         return jnp.einsum("btd,dv->btv", x, self.head_weight().astype(x.dtype), preferred_element_type=jnp.float32)
 
@@ -118,7 +124,7 @@ class Transformer(LMEnds):
         attention_mask: jax.Array | None = None,
         *,
         scan_layers: bool | None = None,
-        columns: tuple[int, int] | None = None,
+        columns: Columns | None = None,
     ) -> jax.Array:
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
