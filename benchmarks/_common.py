@@ -91,6 +91,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_simd() -> str | None:
+    """The widest x86 vector extension the CPU has: the same model name can hide AVX2-only and AVX-512
+    hosts, whose XLA:CPU code (and so timings and float rounding) differ."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    except OSError:
+        pass
+    return None
+
+
 def mem_total_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -113,6 +126,7 @@ def machine_info(pinning: str) -> dict:
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu_model": cpu_model(),
+        "cpu_simd": cpu_simd(),
         "cpu_count": os.cpu_count(),
         "affinity": sorted(os.sched_getaffinity(0)),
         "pinning": pinning,
@@ -124,7 +138,8 @@ def machine_info(pinning: str) -> dict:
 
 
 def machine_label(info: dict) -> str:
-    return f"{info['cpu_model']}, {len(info['affinity'])} cores"
+    simd = f" ({info['cpu_simd']})" if info.get("cpu_simd") else ""
+    return f"{info['cpu_model']}{simd}, {len(info['affinity'])} cores"
 
 
 def median_time(fn: Callable[[], object], runs: int, warmup: int) -> tuple[float, list[float]]:

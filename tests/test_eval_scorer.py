@@ -78,6 +78,16 @@ def _pairs(vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
     return pairs
 
 
+def _structure(row) -> tuple[int, int]:
+    """(documents, segments) of a scorer row, read off its mask values (odd shared, even segment)."""
+    docs = segments = prev = 0
+    for v in row.segments:
+        docs += v % 2 == 1 and prev % 2 == 0
+        segments += v % 2 == 0 and v != prev
+        prev = v
+    return docs, segments
+
+
 @pytest.mark.parametrize("which", ["base", "looped_halting", "looped_fixed"])
 def test_bucketed_batches_equal_one_request_at_a_time(base, looped, which):
     model, tok = base if which == "base" else looped
@@ -93,10 +103,15 @@ def test_bucketed_batches_equal_one_request_at_a_time(base, looped, which):
     # Rows per bucket chosen for the memory (base), or a fixed 3 that leaves partial batches (looped).
     scorer = Scorer(model, tok, batch_size=None if which == "base" else 3, show_progress=False, **options)
     got = scorer.score_pairs(pairs)
-    packed = [len(r.pairs) for r in scorer._rows(pairs) if not r.last_only and len(r.pairs) > 1]
-    # Packed rows: the 20-token context's five continuations (in two rows where they overflow max_length,
-    # one where they are cut to 10 tokens), the one-token context's two in one; none under halting.
-    assert sorted(packed) == {"base": [2, 2, 3], "looped_halting": [], "looped_fixed": [2, 5]}[which]
+    # (documents, segments) per row. Packed: the 20-token context's five continuations in one document
+    # (3 + 2 where they overflow max_length), the one-token context's two in one that starts its row, and
+    # on one device several documents per row. Under halting every pair (or one-token group) is alone.
+    shapes = [_structure(r) for r in scorer._rows(pairs)]
+    if which == "looped_halting":
+        assert {s for _, s in shapes} == {0} and len(shapes) == 20
+    else:
+        assert {(0, 2), *([(1, 3), (1, 2)] if which == "base" else [(1, 5)])} <= set(shapes)
+        assert max(d for d, _ in shapes) >= 2
     for (ll, greedy, depth), s in zip(want, got):
         assert s.loglikelihood == pytest.approx(ll, abs=1e-4)
         assert s.is_greedy == greedy
@@ -277,19 +292,34 @@ def test_scoring_on_a_data_parallel_mesh_matches_one_device(tmp_path, model_dir,
 
 
 def test_packed_segments_positions_and_visibility_by_hand(base):
-    """Mask values > 1 mark packed segments: each restarts its positions after the shared tokens and sees
-    only the shared tokens and itself (the same values written out by hand)."""
+    """`make_context`'s packing convention written out by hand: odd values are shared tokens, even ones
+    segments that see their document's shared tokens and themselves, at positions continuing from the
+    shared tokens; a shared token after a segment starts a new document. A 0/1 mask (with a hole) is
+    the plain causal mask."""
     from loopus_jax.models import layers as L
 
-    mask = np.array([[0, 0, 1, 1, 1, 2, 2, 3, 3, 3], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]], np.int32)
-    np.testing.assert_array_equal(
-        np.asarray(L.positions_from_mask(mask)), [[0, 0, 0, 1, 2, 3, 4, 3, 4, 5], list(range(10))]
+    mask = np.array(
+        [
+            [0, 0, 1, 1, 1, 2, 2, 4, 4, 4],  # left padding, one context, two continuations
+            [1, 1, 2, 2, 1, 2, 4, 4, 0, 0],  # two documents, right padding
+            [1, 1, 0, 1, 1, 1, 1, 1, 1, 1],  # plain, with a hole
+        ],
+        np.int32,
     )
-    seen = np.asarray(L.make_context(base[0].config, mask).mask)[0, 0]
-    want = np.zeros((10, 10), bool)
-    for q, keys in {2: [2], 3: [2, 3], 4: [2, 3, 4], 5: [2, 3, 4, 5], 6: [2, 3, 4, 5, 6]}.items():
-        want[q, keys] = True
-    for q in (7, 8, 9):
-        want[q, [2, 3, 4, *range(7, q + 1)]] = True
-    np.testing.assert_array_equal(seen, want)
-    np.testing.assert_array_equal(np.asarray(L.last_valid_index(mask)), [9, 9])
+    positions = [[0, 0, 0, 1, 2, 3, 4, 3, 4, 5], [0, 1, 2, 3, 0, 1, 1, 2], [0, 1, 1, 2, 3, 4, 5, 6, 7, 8]]
+    sees = [
+        {2: [2], 3: [2, 3], 4: [2, 3, 4], 5: [2, 3, 4, 5], 6: [2, 3, 4, 5, 6], 7: [2, 3, 4, 7], 8: [2, 3, 4, 7, 8]},
+        {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [4], 5: [4, 5], 6: [4, 6], 7: [4, 6, 7]},
+        {q: [k for k in range(q + 1) if k != 2] for q in range(10) if q != 2},
+    ]
+    sees[0][9] = [2, 3, 4, 7, 8, 9]
+    got_pos = np.asarray(L.positions_from_mask(mask))
+    got_mask = np.asarray(L.make_context(base[0].config, mask).mask)[:, 0]
+    for r in range(3):
+        real = sorted(sees[r])
+        np.testing.assert_array_equal(got_pos[r, real] if r == 1 else got_pos[r], positions[r])
+        for q, keys in sees[r].items():
+            want = np.zeros(10, bool)
+            want[keys] = True
+            np.testing.assert_array_equal(got_mask[r, q], want, err_msg=f"row {r}, query {q}")
+    np.testing.assert_array_equal(np.asarray(L.last_valid_index(mask)), [9, 7, 9])

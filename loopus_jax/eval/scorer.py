@@ -7,15 +7,18 @@ and padded to a few length buckets; each bucket has one batch shape (rows chosen
 hand) and one continuation-tail width, so it compiles once.
 
 Pairs that share a context share its computation. Where each row runs to a fixed depth (base models,
-looped models without halting), a context's continuations are packed into one row: the context once,
-then per continuation a segment (the context's last token and the continuation) that attends to the
-context and itself only, at the positions it would have alone (`layers.make_context`): the same
-numbers for a fraction of the tokens (ARC: 2.7x fewer). Under halting a row exits as a whole, so
-only one-token continuations of the same input (MMLU's " A"/" B"/...) share a row.
+looped models without halting), a context's continuations are packed into one document: the context
+once, then per continuation a segment (the context's last token and the continuation) that attends
+to the context and itself only, at the positions it would have alone (`layers.make_context`): the
+same numbers for a fraction of the tokens (ARC: 2.7x fewer). On one device, documents are then packed
+best-fit into rows of up to PACK_LENGTH tokens, so little is padding and most rows share one shape.
+Under halting a row exits as a whole, so only one-token continuations of the same input (MMLU's
+" A"/" B"/...) share a row.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import os
@@ -35,6 +38,7 @@ MIN_BUCKET = 16
 MAX_ROWS = 256
 ROW_MULTIPLE = 8  # rows per batch and logit tails round up to this (fewer shapes than exact counts)
 TOKENS_PER_BATCH_CAP = 8192  # beyond this, bigger batches stop paying off (and fill memory with logits)
+PACK_LENGTH = 256  # rows that hold several documents reach this many tokens (attention grows with it)
 
 
 @dataclasses.dataclass
@@ -83,10 +87,28 @@ def auto_rows(model: nnx.Module, length: int, tail: int, data_parallel: int = 1)
 @dataclasses.dataclass
 class _Row:
     tokens: list[int]  # the model's input
-    segments: list[int]  # its attention-mask values: 1 shared, 2, 3, ... one per packed continuation
-    targets: list[int]  # what the last len(targets) columns predict
-    pairs: list[tuple[int, int, int]]  # (pair index, its first column in `targets`, continuation length)
+    segments: list[int]  # its attention-mask values (see `layers.make_context`)
+    targets: list[int]  # per column, the token it predicts (-1: none)
+    pairs: list[tuple[int, int, int]]  # (pair index, column of its first target, continuation length)
     last_only: bool = False  # one-token pairs of the same input: scored from the last column's distribution
+
+    @property
+    def tail(self) -> int:
+        """Columns from the first scored one to the end."""
+        return len(self.tokens) - min(c for _, c, _ in self.pairs)
+
+    def extend(self, other: _Row) -> None:
+        off = len(self.tokens)
+        self.tokens += other.tokens
+        self.segments += other.segments
+        self.targets += other.targets
+        self.pairs += [(i, c + off, k) for i, c, k in other.pairs]
+
+
+def _plain(i: int, whole: list[int], k: int, last_only: bool = False) -> _Row:
+    """One pair's row: `whole` minus its last token as input, scoring the last k columns."""
+    n = len(whole) - 1
+    return _Row(whole[:-1], [1] * n, [-1] * (n - k) + whole[-k:], [(i, n - k, k)], last_only)
 
 
 class Scorer:
@@ -129,6 +151,8 @@ class Scorer:
             )
         mesh = model_mesh(model)
         self.data_parallel = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        # Several documents per row need the LM head on scattered columns: one device only (see score_tokens).
+        self.lines = self.pack and mesh is None
         self.show_progress = show_progress
 
     # Public API -----------------------------------------------------------------------------------
@@ -173,7 +197,7 @@ class Scorer:
         plan = []
         for length in sorted(by_bucket, reverse=True):
             brows = by_bucket[length]
-            longest = max(len(r.targets) for r in brows)  # logits only where some row's continuation is
+            longest = max(r.tail for r in brows)  # logits only where some row's continuation is
             tail = min(length, -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE)
             n = self.batch_size or auto_rows(self.model, length, tail, self.data_parallel)
             if not self.batch_size:  # the bucket's rows split evenly over its batches: filler rows are wasted work
@@ -191,18 +215,19 @@ class Scorer:
 
     def _rows(self, pairs: list[tuple[list[int], list[int]]]) -> list[_Row]:
         rows: list[_Row] = []
+        docs: list[_Row] = []  # rows of one context and its continuations, ending in a segment: packable
         last_only: dict[tuple[int, ...], _Row] = {}
 
         def alone(i: int, whole: list[int], k: int) -> None:
             if k == 1:  # rows that only differ in the one target token share one forward pass
                 key = tuple(whole[:-1])
                 if key in last_only:
-                    last_only[key].pairs.append((i, 0, 1))
+                    last_only[key].pairs.append((i, len(key) - 1, 1))
                     return
-                last_only[key] = _Row(whole[:-1], [1] * (len(whole) - 1), whole[-1:], [(i, 0, 1)], True)
+                last_only[key] = _plain(i, whole, 1, last_only=True)
                 rows.append(last_only[key])
             else:
-                rows.append(_Row(whole[:-1], [1] * (len(whole) - 1), whole[-k:], [(i, 0, k)]))
+                rows.append(_plain(i, whole, k))
 
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, (ctx, cont) in enumerate(pairs):
@@ -215,23 +240,44 @@ class Scorer:
             else:
                 alone(i, (ctx + cont)[-(self.max_length + 1) :], len(cont))
         for ctx, members in groups.items():
-            if len(members) == 1 or all(len(pairs[i][1]) == 1 for i in members):
+            if all(len(pairs[i][1]) == 1 for i in members):
                 for i in members:
-                    alone(i, list(ctx) + pairs[i][1], len(pairs[i][1]))
+                    alone(i, list(ctx) + pairs[i][1], 1)
                 continue
-            row = None
+            doc = None
             for i in members:
                 cont = pairs[i][1]
                 segment = [ctx[-1], *cont[:-1]]  # the context's last token predicts the first target
-                if row is None or len(row.tokens) + len(segment) > self.max_length:
-                    row = _Row(list(ctx[:-1]), [1] * (len(ctx) - 1), [], [])
-                    rows.append(row)
-                row.segments += [2 + len(row.pairs)] * len(segment)
-                row.pairs.append((i, len(row.targets), len(cont)))
-                row.tokens += segment
-                row.targets += cont
+                if doc is None or len(doc.tokens) + len(segment) > self.max_length:
+                    doc = _Row(list(ctx[:-1]), [1] * (len(ctx) - 1), [-1] * (len(ctx) - 1), [])
+                    docs.append(doc)
+                doc.pairs.append((i, len(doc.tokens), len(cont)))
+                doc.segments += [2 * len(doc.pairs)] * len(segment)  # even: a segment; neighbours differ
+                doc.tokens += segment
+                doc.targets += cont
+        rows += self._lines(docs) if self.lines else docs
         rows.sort(key=lambda r: (-len(r.tokens), tuple(r.tokens)))
         return rows
+
+    def _lines(self, docs: list[_Row]) -> list[_Row]:
+        """Documents packed best-fit-decreasing into rows of up to PACK_LENGTH tokens: the padding up to a
+        length bucket goes, and most rows share one shape (one compile)."""
+        cap = min(PACK_LENGTH, self.max_length)
+        lines: list[_Row] = []
+        room: list[tuple[int, int]] = []  # (tokens left, line index), sorted
+        for doc in sorted(docs, key=lambda r: -len(r.tokens)):
+            n = len(doc.tokens)
+            j = bisect.bisect_left(room, (n, -1))  # the fullest row it fits in
+            if n <= cap and j < len(room) and doc.segments[0] == 1:  # (no shared tokens: it can only start a row)
+                left, li = room.pop(j)
+                lines[li].extend(doc)
+                left -= n
+            else:
+                lines.append(doc)
+                left, li = cap - n, len(lines) - 1
+            if left > 0:
+                bisect.insort(room, (left, li))
+        return lines
 
     def _run(self, chunk: list[_Row], length: int, tail: int, n: int, pairs, out: list) -> None:
         ids = np.zeros((n, length), np.int32)
@@ -240,7 +286,7 @@ class Scorer:
         for r, row in enumerate(chunk):
             ids[r, length - len(row.tokens) :] = row.tokens
             mask[r, length - len(row.tokens) :] = row.segments
-            targets[r, tail - len(row.targets) :] = row.targets
+            targets[r, tail - row.tail :] = row.targets[len(row.tokens) - row.tail :]
         for r in range(len(chunk), n):  # filler rows keep the compiled shape; nothing in them is scored
             ids[r], mask[r] = ids[0], mask[0]
         # Batches with one-token rows need the last column's whole distribution (a variant compiled apart).
@@ -256,8 +302,8 @@ class Scorer:
                     tok = pairs[i][1][0]
                     out[i] = Score(float(last[tok]), best == tok, depth)
                 continue
-            for i, start, k in row.pairs:
-                c = tail - len(row.targets) + start
+            for i, col, k in row.pairs:
+                c = tail - len(row.tokens) + col
                 out[i] = Score(float(lp[r, c : c + k].sum()), bool(s.greedy[r, c : c + k].all()), depth)
 
 

@@ -33,19 +33,31 @@ class AttnContext:
     self_causal: bool = struct.field(pytree_node=False, default=False)
 
 
-def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """Position ids that start at 0 on each row's first real token (padding-invariant).
-
-    Mask values above 1 mark packed segments (see `make_context`): each segment's positions continue
-    from the shared tokens before it, as if it followed them alone.
-    """
+def packing_layout(attention_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(positions, document, run, shared) of each column of a [B, T] mask under `make_context`'s
+    convention; a document and a run are named by the column they start at."""
     m = attention_mask.astype(jnp.int32)
-    shared = jnp.cumsum(m == 1, axis=-1)  # shared tokens up to and including each column
-    t = jnp.arange(m.shape[-1])
-    new_run = jnp.concatenate([jnp.ones_like(m[:, :1], bool), m[:, 1:] != m[:, :-1]], axis=-1)
-    run_start = jax.lax.cummax(jnp.where(new_run, t, 0), axis=m.ndim - 1)
-    pos = jnp.where(m > 1, shared + (t - run_start), shared - 1)
-    return jnp.maximum(pos, 0)
+    b, t = m.shape
+    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+    real = m != 0
+    shared = real & (m % 2 == 1)
+    segment = real & ~shared
+    new_run = jnp.concatenate([jnp.ones((b, 1), bool), m[:, 1:] != m[:, :-1]], axis=1)
+    run = jax.lax.cummax(jnp.where(new_run, idx, 0), axis=1)
+    last_real = jax.lax.cummax(jnp.where(real, idx, -1), axis=1)
+    prev_real = jnp.concatenate([jnp.full((b, 1), -1), last_real[:, :-1]], axis=1)
+    after_segment = jnp.take_along_axis(segment, jnp.maximum(prev_real, 0), axis=1) & (prev_real >= 0)
+    doc = jax.lax.cummax(jnp.where(shared & ((prev_real < 0) | after_segment), idx, 0), axis=1)
+    n_shared = jnp.cumsum(shared, axis=1)
+    in_doc = n_shared - jnp.take_along_axis(n_shared - shared, doc, axis=1)  # the document's shared tokens so far
+    pos = jnp.where(segment, in_doc + idx - run, in_doc - 1)
+    return jnp.maximum(pos, 0), doc, run, shared
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids that start at 0 on each row's first real token (padding-invariant); in packed
+    rows (see `make_context`) each document and segment at the positions it would have alone."""
+    return packing_layout(attention_mask)[0]
 
 
 def last_valid_index(attention_mask: jax.Array) -> jax.Array:
@@ -71,13 +83,17 @@ def make_context(
     """Causal + padding (+ sliding window) mask and RoPE tables for a [B, T] batch.
 
     `key_mask`/`key_positions` describe the keys when they differ from the queries (a KV cache);
-    by default the keys are the queries themselves. Mask values: 0 padding, 1 a token every later
-    token sees, k > 1 a packed segment (a run of equal values after the shared tokens) that sees the
-    shared tokens and itself only: several continuations of one context score in one row, each as if
-    alone (`positions_from_mask` restarts its positions after the shared tokens).
+    by default the keys are the queries themselves, and the mask's values may pack several sequences
+    into one row: 0 padding; odd, a shared token, seen by every later token of its document; even, a
+    segment (a run of one value) that sees its document's shared tokens and itself only. A document
+    starts at a shared token that follows a segment (or at the row's first token); one without shared
+    tokens can only start a row. Each token sits at the position it would have alone: several
+    continuations of one context, and several such documents, score in one row. A 0/1 mask is one
+    document: the usual causal mask.
     """
+    doc = run = shared = None
     if positions is None:
-        positions = positions_from_mask(attention_mask)
+        positions, doc, run, shared = packing_layout(attention_mask)
     if key_mask is None:
         key_mask, key_positions = attention_mask, positions
     cos, sin = rope_cos_sin(cfg, positions)
@@ -91,8 +107,9 @@ def make_context(
         # Same positions can repeat on left-padded rows (all pads sit at 0): order by index too.
         t = attention_mask.shape[1]
         allowed &= jnp.tril(jnp.ones((t, t), bool))[None]
-        seg = attention_mask.astype(jnp.int32)
-        allowed &= (seg[:, None, :] <= 1) | (seg[:, None, :] == seg[:, :, None])
+        if doc is None:
+            _, doc, run, shared = packing_layout(attention_mask)
+        allowed &= (doc[:, None, :] == doc[:, :, None]) & (shared[:, None, :] | (run[:, None, :] == run[:, :, None]))
     return AttnContext(cos, sin, allowed[:, None], self_causal)
 
 
