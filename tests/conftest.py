@@ -29,6 +29,17 @@ EXPLICIT_HEAD_DIM = {"llama", "mistral", "qwen3"}
 VOCAB = 101
 PAD = 0
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+    """Drop JAX's compiled executables after each test module. The whole suite compiles thousands of
+    XLA:CPU programs in one process; late in it jaxlib 0.10 aborted inside a compile (2026-12-07) and,
+    in earlier runs, while serializing an executable. Each module's own compiles are unaffected."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 10000.0,
