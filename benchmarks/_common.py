@@ -81,27 +81,29 @@ def pin_to_cpus() -> str:
     raise AssertionError("unreachable")
 
 
-def cpu_model() -> str:
+def _cpuinfo(key: str) -> str | None:
+    """The first `key` line of /proc/cpuinfo, after its colon (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(key):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_simd() -> str | None:
     """The widest x86 vector extension the CPU has: the same model name can hide AVX2-only and AVX-512
     hosts, whose XLA:CPU code (and so timings and float rounding) differ."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    except OSError:
-        pass
-    return None
+    flags = _cpuinfo("flags")
+    if flags is None:
+        return None
+    flags = set(flags.split())
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
 
 
 def mem_total_gib() -> float | None:

@@ -251,10 +251,8 @@ class Scorer:
                 if doc is None or len(doc.tokens) + len(segment) > self.max_length:
                     doc = _Row(list(ctx[:-1]), [1] * (len(ctx) - 1), [-1] * (len(ctx) - 1), [])
                     docs.append(doc)
-                doc.pairs.append((i, len(doc.tokens), len(cont)))
-                doc.segments += [2 * len(doc.pairs)] * len(segment)  # even: a segment; neighbours differ
-                doc.tokens += segment
-                doc.targets += cont
+                value = 2 * (len(doc.pairs) + 1)  # even: a segment; neighbours differ
+                doc.extend(_Row(segment, [value] * len(segment), cont, [(i, 0, len(cont))]))
         rows += self._lines(docs) if self.lines else docs
         rows.sort(key=lambda r: (-len(r.tokens), tuple(r.tokens)))
         return rows
