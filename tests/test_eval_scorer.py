@@ -323,3 +323,80 @@ def test_packed_segments_positions_and_visibility_by_hand(base):
             want[keys] = True
             np.testing.assert_array_equal(got_mask[r, q], want, err_msg=f"row {r}, query {q}")
     np.testing.assert_array_equal(np.asarray(L.last_valid_index(mask)), [9, 7, 9])
+
+
+def test_interrupted_scoring_resumes_from_its_cache(tmp_path, base):
+    """Ctrl-C after two batches keeps those batches' scores on disk, bit for bit; a rerun scores only the
+    rest (in batches of their own: within the module's 1e-4 of the uninterrupted run) and survives a
+    line cut short by a kill."""
+    model, tok = base
+    pairs = _pairs(model.config.vocab_size)
+    want = Scorer(model, tok, batch_size=2, show_progress=False).score_pairs(pairs)
+
+    first = Scorer(model, tok, batch_size=2, show_progress=False, cache_dir=tmp_path)
+    real_run, calls = first._run, []
+
+    def interrupted(chunk, *args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append([i for row in chunk for i, _, _ in row.pairs])
+        return real_run(chunk, *args)
+
+    first._run = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        first.score_pairs(pairs)
+    done = sorted(i for c in calls for i in c)
+    lines = first.cache.path.read_text().splitlines()
+    assert len(lines) == len(done) > 0
+    with open(first.cache.path, "a") as f:
+        f.write('{"k": "0123')  # the half-written line of a killed run
+
+    second = Scorer(model, tok, batch_size=2, show_progress=False, cache_dir=tmp_path)
+    assert second.cache.path == first.cache.path and len(second.cache) == len(done)
+    real_run2, rescored = second._run, []
+    second._run = lambda chunk, *a: (rescored.extend(r for row in chunk for r in row.pairs), real_run2(chunk, *a))[1]
+    got = second.score_pairs(pairs)
+    assert len(rescored) == len(pairs) - len(done)
+    for i, (w, g) in enumerate(zip(want, got)):
+        if i in done:  # the interrupted run batched exactly as the uninterrupted one did
+            assert (g.loglikelihood, g.is_greedy) == (w.loglikelihood, w.is_greedy)
+        assert g.loglikelihood == pytest.approx(w.loglikelihood, abs=1e-4) and g.is_greedy == w.is_greedy
+
+    third = Scorer(model, tok, batch_size=2, show_progress=False, cache_dir=tmp_path)
+    third._run = None  # everything is cached now: nothing may run
+    assert [s.loglikelihood for s in third.score_pairs(pairs)] == [s.loglikelihood for s in got]
+
+
+def test_score_cache_is_per_model_and_option(tmp_path, base, looped):
+    """A changed weight, recursion depth, threshold or context window gets a file of its own."""
+    from flax import nnx
+
+    from loopus_jax.eval.score_cache import weights_digest
+
+    model, tok = base
+    path = lambda m, **kw: Scorer(m, tok, show_progress=False, cache_dir=tmp_path, **kw).cache.path
+    assert path(model) == path(model)
+    assert path(model) != path(model, max_length=32)
+    before = weights_digest(model)
+    changed = nnx.clone(model)
+    w = changed.embed[...]
+    changed.embed[...] = w.at[5, 3].add(1e-3)
+    assert weights_digest(changed) != before and weights_digest(model) == before
+    lm = looped[0]
+    names = {path(lm, n_recursion=2), path(lm, n_recursion=3), path(lm, n_recursion=3, halting="threshold", q_threshold=0.5)}
+    names.add(path(lm, n_recursion=3, halting="threshold", q_threshold=0.6))
+    assert len(names) == 4
+
+
+def test_eval_tasks_rerun_resumes_from_out(tmp_path, model_dir, capsys):
+    """`loopus eval tasks --out` keeps its scores: the same command again scores nothing and writes the same results."""
+    data = tmp_path / "data"
+    write_arc_easy(data / "arc_easy/ARC-Easy-Test.jsonl", n=3)
+    argv = ["eval", "tasks", "--model", str(model_dir), "--tasks", "arc_easy", "--data-dir", str(data)]
+    argv += ["--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "o/results.json").read_text())
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "resuming: 12 of 12 scores" in capsys.readouterr().err
+    assert json.loads((tmp_path / "o/results.json").read_text()) == first

@@ -12,12 +12,18 @@ piqa, winogrande, openbookqa, lambada_openai, wikitext, mmlu (or mmlu_<subject>)
 
 Prints a table like lm-eval's (--json: the metrics as JSON); --out DIR writes results.json (metrics,
 configuration, mean exit depth) and samples_<task>.jsonl (per-document requests, log-likelihoods,
-greedy flags, exit depths and metrics)."""
+greedy flags, exit depths and metrics). With --out, scores are also kept in DIR/score_cache as batches
+finish: rerunning an interrupted command resumes there (a changed model or option starts afresh; delete
+the folder to score everything again)."""
 
 SWEEP_HELP = """Evaluate a looped model at several recursion depths N and plot each task's score against N
 (and, with --halting, against the mean exit depth); --base PATH adds the base model's score as a
 reference line. Every exit criterion is accepted (--halting NAME, its threshold with --halting-threshold,
-other parameters with --halting-param NAME=VALUE). Writes sweep.json and sweep.png to --out."""
+other parameters with --halting-param NAME=VALUE). Writes sweep.json and sweep.png to --out; scores are
+kept in --out's score_cache as they finish, so an interrupted sweep resumes when rerun."""
+
+
+CACHE_FOLDER = "score_cache"  # under --out: scores saved as batches finish (loopus_jax.eval.score_cache)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -111,7 +117,8 @@ def cmd_eval_tasks(a: argparse.Namespace) -> None:
     model, tok = _load(a.model, a.mesh)
     opts = _options(a)
     max_length = opts.pop("max_length", None)
-    res = evaluate(model, tok, tasks, data, n_recursion=a.n_recursion, max_length=max_length, **opts)
+    cache = None if out is None else out / CACHE_FOLDER
+    res = evaluate(model, tok, tasks, data, n_recursion=a.n_recursion, max_length=max_length, cache_dir=cache, **opts)
     res["config"]["model"] = a.model
     if out is not None:
         write_results(res, out)
@@ -150,7 +157,10 @@ def cmd_eval_sweep(a: argparse.Namespace) -> None:
     base = _load(a.base, a.mesh) if a.base else None
     opts = _options(a)
     halting, q_thr, params = opts.pop("halting"), opts.pop("q_threshold"), opts.pop("halting_params")
-    res = sweep(model, tok, tasks, data, depths, base=base, halting=halting, q_threshold=q_thr, halting_params=params, **opts)
+    res = sweep(
+        model, tok, tasks, data, depths, base=base, halting=halting, q_threshold=q_thr, halting_params=params,
+        cache_dir=out / CACHE_FOLDER, **opts,
+    )
     res["model"], res["base_model"] = a.model, a.base
     js, png = write_sweep(res, out)
     for r in res["runs"]:

@@ -36,15 +36,20 @@ def evaluate(
     max_length: int | None = None,
     bootstrap_iters: int = 100000,
     show_progress: bool = True,
+    cache_dir: str | Path | None = None,
     **options: Any,
 ) -> dict:
     """Run `tasks` (from `loopus_jax.eval.tasks.resolve`) on the first `limit` documents of each
-    (per subject for MMLU, as lm-eval); looped-model `options` are n_recursion, halting, q_threshold, ..."""
+    (per subject for MMLU, as lm-eval); looped-model `options` are n_recursion, halting, q_threshold, ...
+    With `cache_dir`, scores are saved as batches finish and a rerun reuses them (see `Scorer`)."""
     from loopus_jax.errors import LoopusError
 
     if limit is not None and limit < 1:
         raise LoopusError(f"--limit must be at least 1, got {limit}")
-    scorer = Scorer(model, tokenizer, batch_size=batch_size, max_length=max_length, show_progress=show_progress, **options)
+    scorer = Scorer(
+        model, tokenizer, batch_size=batch_size, max_length=max_length, show_progress=show_progress,
+        cache_dir=cache_dir, **options,
+    )
     leaves = _leaves(tasks)
     docs = {t.name: t.docs(Path(data_dir), limit) for t in leaves}  # every file is read (and checked) first
     requests, spans = [], {}

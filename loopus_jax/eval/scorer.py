@@ -23,6 +23,7 @@ import dataclasses
 import math
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from flax import nnx
 
 from loopus_jax.errors import LoopusError
 from loopus_jax.eval.requests import Encoder, Loglikelihood, Request, Rolling
+from loopus_jax.eval.score_cache import ScoreCache, pair_key, run_fingerprint
 from loopus_jax.eval.scoring import quarter_octave, score_tokens
 from loopus_jax.progress import progress
 from loopus_jax.sharding import model_mesh
@@ -117,6 +119,8 @@ class Scorer:
     `batch_size` fixes the rows per batch (None: chosen per bucket for the memory at hand).
     `max_length` defaults to the model's `max_position_embeddings`, as lm-eval's HF backend.
     `pack=False` gives every continuation its own row even where packing applies (see the module doc).
+    `cache_dir` keeps scores on disk as batches finish, so a rerun after an interruption resumes
+    (`loopus_jax.eval.score_cache`).
     """
 
     def __init__(
@@ -128,6 +132,7 @@ class Scorer:
         max_length: int | None = None,
         show_progress: bool = True,
         pack: bool = True,
+        cache_dir: str | Path | None = None,
         **options: Any,
     ):
         from loopus_jax.loop.model import LoopedLM
@@ -142,9 +147,10 @@ class Scorer:
         self.looped = isinstance(model, LoopedLM)
         self.options = {k: v for k, v in options.items() if v is not None}
         self.pack = pack
+        run = None
         if self.looped:
-            opts = model.options(**self.options)[0]  # validate now, not in the middle of a run
-            self.pack = pack and opts.halting == "none"
+            run = model.options(**self.options)  # validate now, not in the middle of a run
+            self.pack = pack and run[0].halting == "none"
         elif self.options:
             raise LoopusError(
                 f"option(s) {sorted(self.options)} apply to looped models only; this is a base {model.config.architecture}"
@@ -154,6 +160,7 @@ class Scorer:
         # Several documents per row need the LM head on scattered columns: one device only (see score_tokens).
         self.lines = self.pack and mesh is None
         self.show_progress = show_progress
+        self.cache = None if cache_dir is None else ScoreCache(cache_dir, run_fingerprint(model, run, self.max_length))
 
     # Public API -----------------------------------------------------------------------------------
 
@@ -187,7 +194,31 @@ class Scorer:
         ]
 
     def score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[Score]:
-        """Token-level entry point: (context ids, continuation ids) -> Score, in input order."""
+        """Token-level entry point: (context ids, continuation ids) -> Score, in input order. With a
+        `cache_dir`, pairs scored by an earlier run come from its file and each batch is saved as it ends."""
+        if self.cache is None:
+            return self._score(pairs, lambda done: None)
+        cache = self.cache
+        keys = [pair_key(*p) for p in pairs]
+        out: list[Score | None] = [None if (e := cache.get(k)) is None else Score(*e) for k in keys]
+        todo = [i for i, s in enumerate(out) if s is None]
+        cache.report_resume(len(pairs) - len(todo), len(pairs))
+
+        def save(done: list[tuple[int, Score]]) -> None:
+            cache.put([(keys[todo[j]], (s.loglikelihood, s.is_greedy, s.exit_depth)) for j, s in done])
+
+        try:
+            for j, s in enumerate(self._score([pairs[i] for i in todo], save) if todo else []):
+                out[todo[j]] = s
+        except KeyboardInterrupt:
+            cache.report_interrupt()
+            raise
+        finally:
+            cache.close()
+        return out  # type: ignore[return-value]
+
+    def _score(self, pairs: list[tuple[list[int], list[int]]], on_batch) -> list[Score]:
+        """Scores `pairs`; `on_batch` gets each batch's (pair index, Score) list as soon as it is done."""
         rows = self._rows(pairs)
         out: list[Score | None] = [None] * len(pairs)
         by_bucket: dict[int, list[_Row]] = defaultdict(list)
@@ -209,6 +240,7 @@ class Scorer:
         bar = progress(plan, desc="scoring", total=len(plan), unit="batch") if self.show_progress else plan
         for length, tail, n, chunk in bar:
             self._run(chunk, length, tail, n, pairs, out)
+            on_batch([(i, out[i]) for row in chunk for i, _, _ in row.pairs])
         return out  # type: ignore[return-value]
 
     # Internals ------------------------------------------------------------------------------------
