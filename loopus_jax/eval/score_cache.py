@@ -43,10 +43,17 @@ def _leaf_sums(leaves: list[jax.Array]) -> jax.Array:
     return jnp.stack([sums(x) for x in leaves]) if leaves else jnp.zeros((0, 3))
 
 
+def _numeric(x: Any) -> bool:
+    """Arrays of numbers or booleans (not PRNG keys, which cannot be summed), with at least one element."""
+    if not hasattr(x, "dtype") or not x.size:
+        return False
+    return bool(jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(x.dtype, jnp.bool_))
+
+
 def weights_digest(model: nnx.Module) -> str:
     """A digest of every array in the model, computed where the arrays live (no host copy of the weights)."""
     flat = jax.tree_util.tree_leaves_with_path(nnx.state(model))
-    arrays = [(jax.tree_util.keystr(p), x) for p, x in flat if hasattr(x, "shape") and x.size]
+    arrays = [(jax.tree_util.keystr(p), x) for p, x in flat if _numeric(x)]
     h = hashlib.sha1()
     for name, x in arrays:
         h.update(f"{name}:{x.shape}:{x.dtype};".encode())
