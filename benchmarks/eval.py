@@ -260,7 +260,9 @@ def collect(folder: Path) -> None:
                     rows.append([info["date"][:10], machine_label(info), task, m, f"{r[m]:.4f}", err_s, str(r["n_docs"]), timing])
     for r in rows:
         print(" | ".join(r))
-    (RESULTS / "eval_full_splits.json").write_text(json.dumps(raw, indent=1))
+    path = RESULTS / "eval_full_splits.json"  # earlier runs' tasks stay: one task per run, runs on different days
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**kept, **raw}, indent=1))
     write_section(
         "## zero-shot scores, full splits (SmolLM2-135M-Instruct GGUF, base model, float32, CPU)",
         "`loopus eval tasks --model default --tasks T --data-dir ../shared/data --out DIR/T`, one task per run, then "
